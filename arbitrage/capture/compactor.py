@@ -1,0 +1,114 @@
+"""Turns sealed journal segments into Parquet files, in the background.
+
+A segment ``X.jsonl`` becomes ``parquet/X.parquet``: written to a temporary
+file, flushed, renamed into place, and only then is the segment removed. A
+crash at any point leaves either the segment (compacted again, to the same
+name) or the finished file: never a half-written file that looks complete and
+never a lost record. Any process may compact any sealed segment; an active one
+is skipped because its writer holds its lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from arbitrage.capture.journal import JOURNAL_DIR, SEGMENT_SUFFIX
+
+log = logging.getLogger(__name__)
+
+PARQUET_DIR = "parquet"
+
+
+@dataclass
+class CompactionResult:
+    """What one compaction pass did."""
+
+    segments: int = 0
+    records: int = 0
+    bad_lines: int = 0
+
+
+def compact(table_dir: Path, schema: pa.Schema) -> CompactionResult:
+    """Compact every sealed segment of one table."""
+    result = CompactionResult()
+    out_dir = table_dir / PARQUET_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for segment in sorted((table_dir / JOURNAL_DIR).glob(f"*{SEGMENT_SUFFIX}")):
+        _compact_if_sealed(segment, out_dir, schema, result)
+    return result
+
+
+def _compact_if_sealed(segment: Path, out_dir: Path, schema: pa.Schema, result: CompactionResult) -> None:
+    try:
+        fd = os.open(segment, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # another process compacted it meanwhile
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return  # active: its writer holds the lock
+    try:
+        if segment.exists():
+            _compact_segment(fd, segment, out_dir, schema, result)
+    finally:
+        os.close(fd)
+
+
+def _compact_segment(fd: int, segment: Path, out_dir: Path, schema: pa.Schema, result: CompactionResult) -> None:
+    data = _read_complete_lines(fd)
+    table, bad = _parse(data, schema)
+    if table.num_rows:
+        _write_atomically(table, out_dir / f"{segment.stem}.parquet")
+    segment.unlink()
+    result.segments += 1
+    result.records += table.num_rows
+    result.bad_lines += bad
+    if bad:
+        log.warning("%s: skipped %d unreadable journal lines", segment.name, bad)
+
+
+def _read_complete_lines(fd: int) -> bytes:
+    """The segment's bytes up to the last newline (a line cut by a crash is not a record)."""
+    with os.fdopen(os.dup(fd), "rb") as f:
+        data = f.read()
+    return data[: data.rfind(b"\n") + 1]
+
+
+def _parse(data: bytes, schema: pa.Schema) -> tuple[pa.Table, int]:
+    if not data:
+        return schema.empty_table(), 0
+    options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    try:
+        return pa_json.read_json(io.BytesIO(data), parse_options=options), 0
+    except pa.ArrowInvalid:
+        return _parse_line_by_line(data, schema)
+
+
+def _parse_line_by_line(data: bytes, schema: pa.Schema) -> tuple[pa.Table, int]:
+    """Slow path for a damaged segment (e.g. a write cut short by a full disk)."""
+    options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    tables, bad = [schema.empty_table()], 0
+    for line in data.splitlines():
+        try:
+            tables.append(pa_json.read_json(io.BytesIO(line), parse_options=options))
+        except pa.ArrowInvalid:
+            bad += 1
+    return pa.concat_tables(tables), bad
+
+
+def _write_atomically(table: pa.Table, target: Path) -> None:
+    temp = target.with_name(f".{target.name}.tmp")
+    pq.write_table(table, temp, compression="zstd")
+    with open(temp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temp, target)

@@ -1,0 +1,125 @@
+"""Ordered, named schema migrations of the capture store.
+
+A migration adds columns to a table. The schema of a table is the fold of all
+migrations over it; the store records which migrations it has applied in
+``schema.json`` (written whole and renamed into place). Parquet files written
+under an older schema stay valid: the DuckDB views read them by column name
+and show the newer columns as NULL.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+
+from arbitrage.errors import MigrationError
+
+SCHEMA_FILE = "schema.json"
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step: a table gains columns."""
+
+    name: str
+    table: str
+    add_columns: tuple[tuple[str, pa.DataType], ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "0001_create_calls",
+        "calls",
+        (
+            ("request_id", pa.string()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("key_id", pa.string()),
+            ("path", pa.string()),
+            ("endpoint", pa.string()),
+            ("model", pa.string()),
+            ("upstream", pa.string()),
+            ("response_model", pa.string()),
+            ("served_by", pa.string()),
+            ("route_reason", pa.string()),
+            ("status_code", pa.int32()),
+            ("error_type", pa.string()),
+            ("stream", pa.bool_()),
+            ("prompt_tokens", pa.int64()),
+            ("cached_tokens", pa.int64()),
+            ("completion_tokens", pa.int64()),
+            ("cost_usd", pa.float64()),
+            ("counterfactual_cost_usd", pa.float64()),
+            ("priced", pa.bool_()),
+            ("latency_ms", pa.float64()),
+            ("ttft_ms", pa.float64()),
+            ("upstream_attempts", pa.int32()),
+            ("request", pa.string()),
+            ("response", pa.string()),
+        ),
+    ),
+)
+
+
+def tables(migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:
+    """Table names, in the order they were created."""
+    return list(dict.fromkeys(m.table for m in migrations))
+
+
+def table_schema(table: str, migrations: tuple[Migration, ...] = MIGRATIONS) -> pa.Schema:
+    """The current schema of one table: every migration's columns, in order."""
+    fields = [pa.field(n, t) for m in migrations if m.table == table for n, t in m.add_columns]
+    if not fields:
+        raise MigrationError(f"no table named {table!r}")
+    return pa.schema(fields)
+
+
+def applied(data_dir: Path) -> list[str]:
+    """Names of the migrations this store has applied, in order."""
+    path = data_dir / SCHEMA_FILE
+    if not path.exists():
+        return []
+    try:
+        return [m["name"] for m in json.loads(path.read_text())["migrations"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MigrationError(f"{path} is unreadable: {exc}") from None
+
+
+def migrate(data_dir: Path, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:
+    """Apply pending migrations; returns the names applied now. Safe to run concurrently."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".schema.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = applied(data_dir)
+        _check_known(done, migrations, data_dir)
+        pending = [m for m in migrations if m.name not in done]
+        for m in pending:
+            (data_dir / m.table).mkdir(exist_ok=True)
+        if pending:
+            _record(data_dir, done + [m.name for m in pending])
+        return [m.name for m in pending]
+
+
+def _check_known(done: list[str], migrations: tuple[Migration, ...], data_dir: Path) -> None:
+    known = [m.name for m in migrations]
+    if done != known[: len(done)]:
+        raise MigrationError(
+            f"{data_dir} has migrations {done}, which this version of arbitrage does not know "
+            f"(it knows {known}); was it written by a newer version?"
+        )
+
+
+def _record(data_dir: Path, names: list[str]) -> None:
+    now = datetime.now(UTC).isoformat()
+    previous = {}
+    if (data_dir / SCHEMA_FILE).exists():
+        previous = {m["name"]: m["applied_at"] for m in json.loads((data_dir / SCHEMA_FILE).read_text())["migrations"]}
+    body = {"migrations": [{"name": n, "applied_at": previous.get(n, now)} for n in names]}
+    tmp = data_dir / f".{SCHEMA_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(body, indent=2))
+    os.replace(tmp, data_dir / SCHEMA_FILE)

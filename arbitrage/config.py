@@ -1,0 +1,186 @@
+"""The one typed configuration: a TOML file, checked at start.
+
+Unknown keys are an error that names the key (``Object contains unknown field
+`x` - at `$.gateway```). With no file at all the gateway still runs: one
+upstream from ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``, data in
+``./arbitrage-data``.
+
+Example::
+
+    [gateway]
+    port = 8080
+    data_dir = "/var/lib/arbitrage"
+
+    [[upstreams]]
+    name = "openai"
+    base_url = "https://api.openai.com/v1"
+    api_key_env = "OPENAI_API_KEY"
+    models = ["gpt-*", "o*"]
+
+    [prices."my-private-model"]
+    input_per_mtok = 0.5
+    output_per_mtok = 1.5
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from arbitrage.errors import ConfigError
+
+DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A config table: unknown keys are rejected."""
+
+
+class GatewaySettings(_Section):
+    """The HTTP edge."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; anything but loopback needs gateway keys."""
+    port: int = 8080
+    """TCP port to listen on."""
+    data_dir: str = "./arbitrage-data"
+    """Where captured calls, keys and the schema record live."""
+    dev: bool = False
+    """Accept any bearer key (only allowed on a loopback address)."""
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest request body accepted; larger ones get a 413."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log verbosity."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"gateway.port must be 1-65535, got {self.port}")
+        if self.max_body_bytes < 1024:
+            raise ValueError("gateway.max_body_bytes must be at least 1024")
+
+
+class UpstreamSettings(_Section):
+    """One OpenAI-compatible upstream API."""
+
+    name: str
+    """Short name, used in records and metrics."""
+    base_url: str
+    """Base URL including the version prefix, e.g. https://api.openai.com/v1."""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """Environment variable holding this upstream's key (keys never go in the file)."""
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    """Glob patterns of model names this upstream serves; the first match wins."""
+    provider: str | None = None
+    """Provider id for price lookup (e.g. "openai"); guessed from the model when unset."""
+    timeout_s: float = 600.0
+    """Read timeout for one upstream call."""
+    connect_timeout_s: float = 5.0
+    """Connect timeout."""
+    max_retries: int = 2
+    """Retries on connect errors, 429 and 5xx, only before anything reached the client."""
+    retry_max_wait_s: float = 20.0
+    """Longest wait between retries, Retry-After included."""
+    max_connections: int = 256
+    """Pooled keep-alive connections to this upstream."""
+
+    def __post_init__(self) -> None:
+        if urlsplit(self.base_url).scheme not in ("http", "https") or not urlsplit(self.base_url).netloc:
+            raise ValueError(f"upstream {self.name!r}: base_url must be an http(s) URL, got {self.base_url!r}")
+        if self.max_retries < 0 or self.timeout_s <= 0 or self.connect_timeout_s <= 0:
+            raise ValueError(f"upstream {self.name!r}: timeouts must be > 0 and max_retries >= 0")
+
+    def api_key(self) -> str | None:
+        """The upstream key, read from the environment at use."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class PriceOverride(_Section):
+    """A private or discounted price, in dollars per million tokens."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+    cached_input_per_mtok: float | None = None
+    """Price of cached prompt tokens; the input price when unset."""
+
+
+class CaptureSettings(_Section):
+    """How calls are recorded."""
+
+    segment_max_records: int = 20_000
+    """Records per journal segment before it is sealed for compaction."""
+    segment_max_age_s: float = 30.0
+    """Seal a non-empty journal segment after this many seconds."""
+    compact_interval_s: float = 5.0
+    """How often sealed segments are compacted into Parquet."""
+    fsync: Literal["never", "interval", "always"] = "interval"
+    """When the journal is flushed to the disk (not just the OS): a process kill never loses
+    a record in any mode; "always" also survives power loss, at a cost per request."""
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics."""
+
+    max_paths: int = 100
+    """Distinct call paths used as label values; later ones are counted as "other"."""
+
+
+class Config(_Section):
+    """The whole configuration."""
+
+    gateway: GatewaySettings = msgspec.field(default_factory=GatewaySettings)
+    upstreams: list[UpstreamSettings] = msgspec.field(default_factory=list)
+    prices: dict[str, PriceOverride] = msgspec.field(default_factory=dict)
+    capture: CaptureSettings = msgspec.field(default_factory=CaptureSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+
+    def __post_init__(self) -> None:
+        names = [u.name for u in self.upstreams]
+        if len(names) != len(set(names)):
+            raise ValueError(f"upstream names must be unique, got {names}")
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.gateway.data_dir)
+
+
+def load_config(path: str | Path | None = None, **overrides) -> Config:
+    """Read the TOML file (if any), apply flag overrides, fill defaults from the environment."""
+    raw = _read_toml(Path(path)) if path else {}
+    for key, value in overrides.items():
+        if value is not None and key != "upstream_url":
+            raw.setdefault("gateway", {})[key] = value
+    if overrides.get("upstream_url"):
+        raw["upstreams"] = [{"name": "default", "base_url": overrides["upstream_url"]}]
+    config = _convert(raw, source=str(path or "defaults"))
+    if not config.upstreams:
+        url = os.environ.get("OPENAI_BASE_URL") or DEFAULT_UPSTREAM_URL
+        config.upstreams.append(_convert_upstream(url))
+    return config
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _convert(raw: dict, source: str) -> Config:
+    try:
+        return msgspec.convert(raw, Config, strict=True)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _convert_upstream(url: str) -> UpstreamSettings:
+    try:
+        return UpstreamSettings(name="default", base_url=url)
+    except ValueError as exc:
+        raise ConfigError(f"OPENAI_BASE_URL: {exc}") from None

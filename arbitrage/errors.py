@@ -1,0 +1,97 @@
+"""The one error hierarchy of arbitrage.
+
+Tree::
+
+    ArbitrageError                  anything arbitrage raises on purpose
+    ├── ConfigError                 bad config file, flag or environment (at start)
+    ├── StoreError                  capture store unreadable or unwritable
+    │   └── MigrationError          a schema migration failed or is unknown
+    └── APIError                    becomes an OpenAI-shaped JSON error response
+        ├── InvalidRequestError     400  malformed JSON, wrong types, bad header
+        ├── AuthenticationError     401  missing or unknown gateway key
+        ├── NotFoundError           404  unknown endpoint
+        ├── PayloadTooLargeError    413  body over the configured limit
+        ├── RateLimitError          429  (upstream status is relayed as it is)
+        └── UpstreamError           502  upstream unreachable or broken
+            └── UpstreamTimeoutError 504 upstream did not answer in time
+
+Every ``APIError`` carries its HTTP status as a class attribute; the one place
+that turns it into a response is ``gateway.errors.api_error_response``.
+"""
+
+from __future__ import annotations
+
+
+class ArbitrageError(Exception):
+    """Base of every error arbitrage raises on purpose."""
+
+
+class ConfigError(ArbitrageError):
+    """The configuration (file, flags or environment) is invalid."""
+
+
+class StoreError(ArbitrageError):
+    """The capture store cannot be read or written."""
+
+
+class MigrationError(StoreError):
+    """A schema migration failed, or the store was written by a newer version."""
+
+
+class APIError(ArbitrageError):
+    """An error answered to an API client in OpenAI's error shape."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_body(self) -> dict:
+        """OpenAI's error object: ``{"error": {message, type, param, code}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class RateLimitError(APIError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class UpstreamError(APIError):
+    status_code = 502
+    error_type = "upstream_error"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status_code = 504
+    error_type = "upstream_timeout"
