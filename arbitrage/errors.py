@@ -10,6 +10,7 @@ Tree::
         ├── InvalidRequestError     400  malformed JSON, wrong types, bad header
         ├── AuthenticationError     401  missing or unknown gateway key
         ├── NotFoundError           404  unknown endpoint
+        ├── MethodNotAllowedError   405  known endpoint, wrong method
         ├── PayloadTooLargeError    413  body over the configured limit
         ├── RateLimitError          429  (upstream status is relayed as it is)
         └── UpstreamError           502  upstream unreachable or broken
@@ -74,6 +75,11 @@ class AuthenticationError(APIError):
 
 class NotFoundError(APIError):
     status_code = 404
+    error_type = "invalid_request_error"
+
+
+class MethodNotAllowedError(APIError):
+    status_code = 405
     error_type = "invalid_request_error"
 
 

@@ -1,0 +1,159 @@
+"""The ``arbitrage`` command line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from arbitrage.config import load_config
+from arbitrage.errors import ArbitrageError
+
+CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                             help="TOML config file (unknown keys are an error).")
+DATA_DIR_OPTION = click.option("--data-dir", type=click.Path(file_okay=False),
+                               help="Data directory [default: ./arbitrage-data, or the config's].")
+
+
+def friendly_errors(func):
+    """Turn arbitrage's own errors into a one-line message and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ArbitrageError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """arbitrage: an OpenAI-compatible gateway that records every call, so the
+    expensive call paths can be distilled into a model you own."""
+
+
+@main.command()
+@CONFIG_OPTION
+@click.option("--host", help="Address to bind [default: 127.0.0.1].")
+@click.option("--port", type=int, help="Port to listen on [default: 8080].")
+@DATA_DIR_OPTION
+@click.option("--upstream-url", help="Base URL of the one upstream [default: $OPENAI_BASE_URL or OpenAI's].")
+@click.option("--dev", is_flag=True, default=None, help="Accept any key (loopback only).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
+@friendly_errors
+def serve(config_path, host, port, data_dir, upstream_url, dev, log_level) -> None:
+    """Run the gateway: point OPENAI_BASE_URL at http://HOST:PORT/v1."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.service import check_startup
+    from arbitrage.keys import KeyStore
+
+    config = load_config(config_path, host=host, port=port, data_dir=data_dir, dev=dev, log_level=log_level,
+                         upstream_url=upstream_url)
+    logging.basicConfig(level=config.gateway.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is too much
+    check_startup(config, KeyStore(config.data_dir))
+    upstreams = ", ".join(f"{u.name}={u.base_url}" for u in config.upstreams)
+    click.echo(f"arbitrage gateway on http://{config.gateway.host}:{config.gateway.port}/v1 "
+               f"(upstreams: {upstreams}; data: {config.data_dir})", err=True)
+    uvicorn.run(create_app(config), host=config.gateway.host, port=config.gateway.port, loop="uvloop",
+                http="httptools", access_log=False, log_level=config.gateway.log_level,
+                timeout_graceful_shutdown=10)
+
+
+@main.group()
+def keys() -> None:
+    """Manage gateway keys (stored as hashes; a key is shown once)."""
+
+
+def _keystore(config_path, data_dir):
+    from arbitrage.keys import KeyStore
+
+    return KeyStore(load_config(config_path, data_dir=data_dir).data_dir)
+
+
+@keys.command("create")
+@click.argument("name")
+@CONFIG_OPTION
+@DATA_DIR_OPTION
+@friendly_errors
+def keys_create(name, config_path, data_dir) -> None:
+    """Create a key named NAME and print it (only this once)."""
+    entry, secret = _keystore(config_path, data_dir).create(name)
+    click.echo(f"created key {entry.id} ({entry.name}); it is shown only now:", err=True)
+    click.echo(secret)
+
+
+@keys.command("list")
+@CONFIG_OPTION
+@DATA_DIR_OPTION
+@friendly_errors
+def keys_list(config_path, data_dir) -> None:
+    """List keys (ids and names, never the keys)."""
+    for entry in _keystore(config_path, data_dir).entries():
+        click.echo(f"{entry.id}\t{entry.name}\t{entry.created_at}")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@CONFIG_OPTION
+@DATA_DIR_OPTION
+@friendly_errors
+def keys_revoke(name, config_path, data_dir) -> None:
+    """Delete the key named NAME; the gateway stops accepting it within a second."""
+    entry = _keystore(config_path, data_dir).revoke(name)
+    click.echo(f"revoked key {entry.id} ({entry.name})")
+
+
+@main.command()
+@click.argument("query")
+@CONFIG_OPTION
+@DATA_DIR_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of row objects.")
+@click.option("--max-rows", type=int, default=100, show_default=True, help="Rows shown in the table.")
+@friendly_errors
+def sql(query, config_path, data_dir, as_json, max_rows) -> None:
+    """Run a DuckDB QUERY over the capture views (e.g. calls) and print the result."""
+    import duckdb
+
+    from arbitrage.capture.store import connect
+
+    con = connect(load_config(config_path, data_dir=data_dir).data_dir)
+    try:
+        relation = con.sql(query)
+        if relation is None:
+            return
+        if as_json:
+            rows = [dict(zip(relation.columns, row)) for row in relation.fetchall()]
+            click.echo(json.dumps(rows, default=str, indent=2))
+        else:
+            relation.show(max_rows=max_rows, max_width=max(120, _terminal_width()))
+    except duckdb.Error as exc:
+        raise click.ClickException(f"query failed: {exc}") from None
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((160, 24)).columns
+
+
+def _register_optional_commands() -> None:
+    try:
+        from simulator.cli import sim
+    except ImportError:  # the simulator ships with the package; only a broken install lacks it
+        return
+    main.add_command(sim)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The litestar application: routes, error handlers, lifespan."""
+
+from __future__ import annotations
+
+import httpx
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+
+from arbitrage.config import Config
+from gateway.chat.routes import chat_completions
+from gateway.completions.routes import completions
+from gateway.embeddings.routes import embeddings
+from gateway.errors import EXCEPTION_HANDLERS
+from gateway.models.routes import list_models
+from gateway.service import Gateway
+
+
+@get("/healthz", media_type=MediaType.JSON)
+async def healthz() -> dict:
+    """Liveness: the process is up and serving."""
+    return {"status": "ok"}
+
+
+@get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8")
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics in the text exposition format."""
+    return Response(request.app.state.gateway.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+
+def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
+    """The gateway app; ``transport`` replaces the network for in-process tests."""
+    gateway = Gateway(config, transport)
+    return Litestar(
+        route_handlers=[chat_completions, completions, embeddings, list_models, healthz, metrics],
+        lifespan=[gateway.lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=config.gateway.max_body_bytes,
+        state=State({"gateway": gateway}),
+        openapi_config=OpenAPIConfig(title="arbitrage gateway", version="0.1.0", path="/openapi"),
+    )

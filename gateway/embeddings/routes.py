@@ -1,0 +1,16 @@
+"""HTTP route of ``POST /v1/embeddings``."""
+
+from __future__ import annotations
+
+from litestar import Request, Response, post
+
+from gateway.embeddings.protocol import EmbeddingRequest
+from gateway.service import Endpoint
+
+EMBEDDINGS = Endpoint("embeddings", "/embeddings", EmbeddingRequest, lambda _: "", None)
+
+
+@post("/v1/embeddings", status_code=200)
+async def embeddings(request: Request) -> Response:
+    """Create embeddings (OpenAI-compatible; never streamed)."""
+    return await request.app.state.gateway.handle(request, EMBEDDINGS)

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the gateway, with bounded label sets.
+
+Labels are: ``path`` (at most ``max_paths`` distinct values, later paths are
+"other"), ``endpoint`` and ``served_by`` (small fixed sets), ``error_type``
+(a fixed vocabulary) and ``upstream`` (from the config). No key and no model
+name chosen by a client ever becomes a label.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+OTHER = "other"
+
+
+class PathLabels:
+    """Maps call paths to label values, admitting at most ``limit`` distinct paths."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._known: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str) -> str:
+        if path in self._known:
+            return path
+        with self._lock:
+            if len(self._known) < self.limit:
+                self._known.add(path)
+                return path
+        return OTHER
+
+
+class Metrics:
+    """All gateway metrics, in their own registry (one per app, so tests stay independent)."""
+
+    def __init__(self, max_paths: int = 100) -> None:
+        self.registry = CollectorRegistry()
+        self.path_label = PathLabels(max_paths)
+        r = self.registry
+        self.requests = Counter("arbitrage_requests", "Client requests answered.",
+                                ["path", "endpoint", "served_by", "status_class"], registry=r)
+        self.tokens = Counter("arbitrage_tokens", "Tokens by kind (prompt, cached, completion).",
+                              ["path", "served_by", "kind"], registry=r)
+        self.cost = Counter("arbitrage_cost_usd", "Dollars spent on answered requests.",
+                            ["path", "served_by"], registry=r)
+        self.counterfactual_cost = Counter("arbitrage_counterfactual_cost_usd",
+                                           "Dollars the upstream would have charged for the same requests.",
+                                           ["path"], registry=r)
+        self.unpriced = Counter("arbitrage_unpriced_requests", "Requests whose model has no known price.",
+                                ["path"], registry=r)
+        self.latency = Histogram("arbitrage_request_latency_seconds", "Time from request to last byte.",
+                                 ["endpoint", "served_by"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("arbitrage_time_to_first_token_seconds", "Time to the first streamed token.",
+                              ["endpoint", "served_by"], buckets=LATENCY_BUCKETS, registry=r)
+        self.errors = Counter("arbitrage_errors", "Requests that ended in an error, by type.",
+                              ["error_type"], registry=r)
+        self.retries = Counter("arbitrage_upstream_retries", "Upstream calls retried, by reason.",
+                               ["upstream", "reason"], registry=r)
+        self.capture_records = Counter("arbitrage_capture_records", "Records written to the capture journal.",
+                                       registry=r)
+        self.capture_failures = Counter("arbitrage_capture_failures", "Records that could not be written.",
+                                        registry=r)
+        self.capture_backlog_bytes = Gauge("arbitrage_capture_backlog_bytes",
+                                           "Journal bytes not yet compacted into Parquet.", registry=r)
+        self.capture_backlog_segments = Gauge("arbitrage_capture_backlog_segments",
+                                              "Journal segments not yet compacted into Parquet.", registry=r)
+
+    def exposition(self) -> bytes:
+        """The text format Prometheus scrapes."""
+        return generate_latest(self.registry)

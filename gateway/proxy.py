@@ -1,0 +1,281 @@
+"""Forwarding a call upstream and recording it: the hot loop.
+
+Non-streaming: the upstream body is relayed byte for byte after its record is
+written. Streaming: events are relayed as they arrive; upstream is always asked
+for usage (``stream_options.include_usage``) and that extra chunk is removed
+when the client did not ask for it. A stream that ends without ``[DONE]``
+reaches the client as an error event, never as a clean end. A client that
+disconnects cancels the upstream call, and the record says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import AsyncIterator, Protocol
+
+import httpx
+import orjson
+from litestar import Response
+from litestar.response import Stream
+
+from arbitrage.errors import APIError, StoreError, UpstreamError
+from arbitrage.pricing import PriceBook
+from arbitrage.capture.store import CaptureStore
+from gateway.metrics import Metrics
+from gateway.sse import DONE, EventSplitter, error_event, event_data
+from gateway.upstream import RELAYED_RESPONSE_HEADERS, Upstream, UpstreamReply
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-arbitrage-request-id"
+SERVED_BY_UPSTREAM = "upstream"
+ROUTE_NO_LOCAL = "no_local_route"
+
+
+class StreamAssembler(Protocol):
+    """Builds the whole response object from stream chunks (for the record)."""
+
+    usage: dict | None
+
+    def add(self, chunk: dict) -> bool:
+        """Take one chunk; True when it carried the first generated content."""
+
+    def result(self) -> dict:
+        """The assembled response."""
+
+
+@dataclass
+class Call:
+    """One client request on its way through the gateway."""
+
+    endpoint: str
+    upstream_path: str
+    key_id: str
+    path: str
+    model: str
+    body: bytes
+    stream: bool = False
+    wants_usage: bool = True
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    ts: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: float = field(default_factory=time.perf_counter)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
+@dataclass
+class Outcome:
+    """How a call ended, for its record and metrics."""
+
+    status_code: int
+    response: str | None = None
+    usage: dict | None = None
+    response_model: str | None = None
+    error_type: str | None = None
+    attempts: int = 0
+    ttft_ms: float | None = None
+
+
+class Proxy:
+    """Forwards calls to an upstream and records each one exactly once."""
+
+    def __init__(self, store: CaptureStore, prices: PriceBook, metrics: Metrics) -> None:
+        self.store = store
+        self.prices = prices
+        self.metrics = metrics
+
+    async def unary(self, call: Call, upstream: Upstream, headers: dict[str, str], body: bytes) -> Response:
+        """Forward a non-streaming call; relay the upstream body as it is."""
+        reply = await self._send(call, upstream, body, headers)
+        try:
+            content = await reply.response.aread()
+        except httpx.TransportError as exc:
+            raise self._fail(call, upstream, reply.attempts, exc) from exc
+        finally:
+            await reply.response.aclose()
+        parsed = _json_object(content)
+        self.record(call, upstream, _outcome(reply, content, parsed))
+        return Response(content, status_code=reply.response.status_code, headers=self._headers(call, reply),
+                        media_type=reply.response.headers.get("content-type", "application/json"))
+
+    async def stream(self, call: Call, upstream: Upstream, headers: dict[str, str], body: bytes,
+                     assembler: StreamAssembler) -> Response:
+        """Forward a streaming call; relay its events as they arrive."""
+        reply = await self._send(call, upstream, body, headers)
+        ctype = reply.response.headers.get("content-type", "")
+        if reply.response.status_code != 200 or not ctype.startswith("text/event-stream"):
+            try:
+                content = await reply.response.aread()
+            finally:
+                await reply.response.aclose()
+            self.record(call, upstream, _outcome(reply, content, _json_object(content)))
+            return Response(content, status_code=reply.response.status_code, media_type=ctype or None,
+                            headers=self._headers(call, reply))
+        events = self._relay(call, upstream, reply, assembler)
+        return Stream(events, media_type="text/event-stream", headers=self._headers(call, reply))
+
+    async def _send(self, call: Call, upstream: Upstream, body: bytes, headers: dict[str, str]) -> UpstreamReply:
+        try:
+            return await upstream.send("POST", call.upstream_path, body, headers)
+        except UpstreamError as exc:
+            self.record(call, upstream, Outcome(exc.status_code, error_type=exc.code))
+            raise
+
+    def _fail(self, call: Call, upstream: Upstream, attempts: int, exc: Exception) -> APIError:
+        error = UpstreamError(f"upstream {upstream.name!r} broke off its answer ({type(exc).__name__})",
+                              code="upstream_broken")
+        self.record(call, upstream, Outcome(error.status_code, error_type=error.code, attempts=attempts))
+        return error
+
+    async def _relay(self, call: Call, upstream: Upstream, reply: UpstreamReply,
+                     assembler: StreamAssembler) -> AsyncIterator[bytes]:
+        outcome = Outcome(200, attempts=reply.attempts, error_type="stream_cut_off")
+        splitter = EventSplitter()
+        try:
+            async for data in reply.response.aiter_raw():
+                for event in splitter.feed(data):
+                    out = self._relay_event(call, upstream, event, assembler, outcome)
+                    if out is not None:
+                        yield out
+                    if outcome.error_type is None:
+                        return
+        except httpx.TimeoutException:
+            outcome.error_type = "upstream_timeout"
+        except httpx.TransportError:
+            outcome.error_type = "stream_cut_off"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome.error_type = "client_disconnected"
+            self._finish_stream(call, upstream, outcome, assembler, 499)
+            raise
+        except Exception:  # the client must still get an error event, and the call a record
+            log.exception("relaying the stream of request %s failed", call.request_id)
+            outcome.error_type = "gateway_error"
+        finally:
+            await reply.response.aclose()
+        self._finish_stream(call, upstream, outcome, assembler, 502)
+        yield error_event("The upstream stream ended before the answer was complete.", "upstream_error",
+                          outcome.error_type or "stream_cut_off")
+
+    def _relay_event(self, call: Call, upstream: Upstream, event: bytes, assembler: StreamAssembler,
+                     outcome: Outcome) -> bytes | None:
+        """The bytes to send the client for one upstream event (None to drop it)."""
+        data = event_data(event)
+        if data is None:
+            return event + b"\n\n"
+        if data == DONE:
+            outcome.error_type = None
+            self._finish_stream(call, upstream, outcome, assembler, 200)
+            return event + b"\n\n"
+        chunk = _json_object(data)
+        if chunk is None:
+            return event + b"\n\n"
+        if "error" in chunk:
+            outcome.error_type = "upstream_stream_error"
+        elif not chunk.get("choices") and chunk.get("usage") is not None:
+            assembler.usage = chunk["usage"]
+            if not call.wants_usage:
+                return None
+        elif assembler.add(chunk) and outcome.ttft_ms is None:
+            outcome.ttft_ms = call.elapsed_ms()
+        return event + b"\n\n"
+
+    def _finish_stream(self, call: Call, upstream: Upstream, outcome: Outcome,
+                       assembler: StreamAssembler, status: int) -> None:
+        result = assembler.result()
+        outcome.status_code = status
+        outcome.usage = assembler.usage
+        outcome.response_model = result.get("model")
+        outcome.response = orjson.dumps(result).decode()
+        self.record(call, upstream, outcome)
+
+    def record(self, call: Call, upstream: Upstream, outcome: Outcome) -> None:
+        """Write the call's one record and count it in the metrics."""
+        usage = outcome.usage or {}
+        prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        cost = self._cost(call, upstream, outcome, prompt, cached, completion)
+        record = {
+            "request_id": call.request_id, "ts": call.ts, "key_id": call.key_id, "path": call.path,
+            "endpoint": call.endpoint, "model": call.model, "upstream": upstream.name,
+            "response_model": outcome.response_model, "served_by": SERVED_BY_UPSTREAM,
+            "route_reason": ROUTE_NO_LOCAL, "status_code": outcome.status_code, "error_type": outcome.error_type,
+            "stream": call.stream, "prompt_tokens": prompt, "cached_tokens": cached,
+            "completion_tokens": completion, "cost_usd": cost, "counterfactual_cost_usd": cost,
+            "priced": cost is not None, "latency_ms": call.elapsed_ms(), "ttft_ms": outcome.ttft_ms,
+            "upstream_attempts": outcome.attempts, "request": call.body.decode("utf-8", "replace"),
+            "response": outcome.response,
+        }
+        self._append(record)
+        self._observe(call, record)
+
+    def _cost(self, call: Call, upstream: Upstream, outcome: Outcome, prompt: int, cached: int,
+              completion: int) -> float | None:
+        if outcome.usage is None:
+            # No usage: an error answer costs nothing; a broken-off stream's cost is unknown.
+            return 0.0 if outcome.error_type and outcome.error_type != "client_disconnected" else None
+        model = outcome.response_model or call.model
+        return self.prices.price(model, prompt, cached, completion, upstream.settings.provider, upstream.base_url)
+
+    def _append(self, record: dict) -> None:
+        try:
+            self.store.append("calls", record)
+            self.metrics.capture_records.inc()
+        except StoreError:
+            self.metrics.capture_failures.inc()
+            log.exception("capture failed for request %s", record["request_id"])
+
+    def _observe(self, call: Call, record: dict) -> None:
+        m, path, served = self.metrics, self.metrics.path_label(call.path), record["served_by"]
+        m.requests.labels(path, call.endpoint, served, f"{record['status_code'] // 100}xx").inc()
+        m.latency.labels(call.endpoint, served).observe(record["latency_ms"] / 1000)
+        if record["ttft_ms"] is not None:
+            m.ttft.labels(call.endpoint, served).observe(record["ttft_ms"] / 1000)
+        if record["error_type"]:
+            m.errors.labels(_error_label(record["error_type"])).inc()
+        for kind in ("prompt", "cached", "completion"):
+            if record[f"{kind}_tokens"]:
+                m.tokens.labels(path, served, kind).inc(record[f"{kind}_tokens"])
+        if record["cost_usd"] is None:
+            m.unpriced.labels(path).inc()
+        else:
+            m.cost.labels(path, served).inc(record["cost_usd"])
+            m.counterfactual_cost.labels(path).inc(record["counterfactual_cost_usd"])
+
+    def _headers(self, call: Call, reply: UpstreamReply) -> dict[str, str]:
+        headers = {REQUEST_ID_HEADER: call.request_id}
+        for name in RELAYED_RESPONSE_HEADERS:
+            value = reply.response.headers.get(name)
+            if value is not None:
+                headers[name] = value
+        return headers
+
+
+ERROR_LABELS = frozenset({"stream_cut_off", "upstream_timeout", "client_disconnected", "upstream_stream_error",
+                          "upstream_unreachable", "upstream_broken", "upstream_http_error", "rate_limited",
+                          "gateway_error"})
+
+
+def _error_label(error_type: str) -> str:
+    return error_type if error_type in ERROR_LABELS else "other"
+
+
+def _outcome(reply: UpstreamReply, content: bytes, parsed: dict | None) -> Outcome:
+    status = reply.response.status_code
+    error_type = None if status < 400 else ("rate_limited" if status == 429 else "upstream_http_error")
+    parsed = parsed or {}
+    return Outcome(status, content.decode("utf-8", "replace"), parsed.get("usage") if status < 400 else None,
+                   parsed.get("model"), error_type, reply.attempts)
+
+
+def _json_object(content: bytes) -> dict | None:
+    try:
+        value = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -1,0 +1,192 @@
+"""The gateway's components and the request flow shared by every endpoint.
+
+auth -> parse (lenient) -> identify the call path -> pick the upstream -> forward and record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import httpx
+import msgspec
+import orjson
+from litestar import Litestar, Request, Response
+
+from arbitrage.capture.store import CaptureStore
+from arbitrage.config import Config
+from arbitrage.errors import ConfigError, InvalidRequestError, NotFoundError, UpstreamError
+from arbitrage.keys import KeyStore
+from arbitrage.pricing import PriceBook
+from gateway.auth import Authenticator
+from gateway.metrics import Metrics
+from gateway.paths import METADATA_KEY, PATH_HEADER, derived_path, explicit_path
+from gateway.proxy import Call, Proxy, StreamAssembler
+from gateway.upstream import Upstream, UpstreamPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What differs between the OpenAI endpoints the gateway proxies."""
+
+    name: str
+    upstream_path: str
+    request_type: type
+    template: Callable[[Any], str]
+    assembler: Callable[[], StreamAssembler] | None
+
+
+def check_startup(config: Config, keys: KeyStore) -> None:
+    """Refuse unsafe setups: no keys off dev mode, dev mode off loopback."""
+    loopback = _is_loopback(config.gateway.host)
+    if config.gateway.dev and not loopback:
+        raise ConfigError(f"--dev accepts any key, so it is only allowed on a loopback address, "
+                          f"not {config.gateway.host!r}")
+    if not config.gateway.dev and not keys.entries():
+        raise ConfigError("no gateway keys exist: create one with 'arbitrage keys create NAME' "
+                          "(or run on loopback with --dev, which accepts any key)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Gateway:
+    """Everything one gateway process holds, created in the app's lifespan."""
+
+    def __init__(self, config: Config, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics(config.metrics.max_paths)
+        self.keys = KeyStore(config.data_dir)
+        self.auth = Authenticator(self.keys, config.gateway.dev)
+        self.store = CaptureStore(config.data_dir, config.capture)
+        self.proxy = Proxy(self.store, PriceBook(config.prices), self.metrics)
+        self._transport = transport
+        self.pool = UpstreamPool([])
+        self._background: asyncio.Task | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: Litestar):
+        """Open the store and the upstream clients; close both on shutdown."""
+        applied = self.store.open()
+        if applied:
+            log.info("capture store migrated: %s", ", ".join(applied))
+        self.pool = UpstreamPool([Upstream(u, self.metrics, self._transport) for u in self.config.upstreams])
+        self._background = asyncio.create_task(self.store.run_background(self._on_compaction))
+        try:
+            yield
+        finally:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+            await self.pool.aclose()
+            await asyncio.to_thread(self.store.close)
+
+    def _on_compaction(self, _result, backlog: tuple[int, int]) -> None:
+        self.metrics.capture_backlog_segments.set(backlog[0])
+        self.metrics.capture_backlog_bytes.set(backlog[1])
+
+    async def handle(self, request: Request, endpoint: Endpoint) -> Response:
+        """Serve one proxied OpenAI call."""
+        key_id = self.auth.authenticate(request.headers.get("authorization"))
+        body = await request.body()
+        parsed = _decode(body, endpoint.request_type)
+        named = explicit_path(request.headers.get(PATH_HEADER), parsed.metadata)
+        path = named or derived_path(endpoint.name, parsed.model, endpoint.template(parsed))
+        upstream = self._upstream_for(parsed.model)
+        stream = bool(getattr(parsed, "stream", False)) and endpoint.assembler is not None
+        call = Call(endpoint.name, endpoint.upstream_path, key_id, path, parsed.model, body, stream=stream)
+        headers = upstream.headers(request.headers)
+        if not stream:
+            forwarded = _without_path_metadata(body) if _has_path_metadata(parsed) else body
+            return await self.proxy.unary(call, upstream, headers, forwarded)
+        options = parsed.stream_options
+        call.wants_usage = bool(options and options.include_usage)
+        return await self.proxy.stream(call, upstream, headers, _stream_body(body, parsed), endpoint.assembler())
+
+    def _upstream_for(self, model: str) -> Upstream:
+        upstream = self.pool.for_model(model)
+        if upstream is None:
+            raise NotFoundError(f"The model '{model}' is not served by any configured upstream.",
+                                param="model", code="model_not_found")
+        return upstream
+
+    async def list_models(self, request: Request) -> Response:
+        """``GET /v1/models`` merged over the upstreams (each filtered by its model patterns)."""
+        self.auth.authenticate(request.headers.get("authorization"))
+        models: dict[str, dict] = {}
+        failures = []
+        for upstream in self.pool.upstreams:
+            try:
+                for model in await _fetch_models(upstream, request):
+                    if upstream.serves(str(model.get("id"))):
+                        models.setdefault(model["id"], model)
+            except (httpx.HTTPError, UpstreamError, ValueError, KeyError) as exc:
+                failures.append(f"{upstream.name}: {exc}")
+        if failures and not models:
+            raise UpstreamError("no upstream listed its models (" + "; ".join(failures) + ")",
+                                code="upstream_unreachable")
+        return Response({"object": "list", "data": list(models.values())})
+
+
+async def _fetch_models(upstream: Upstream, request: Request) -> list[dict]:
+    reply = await upstream.send("GET", "/models", None, upstream.headers(request.headers))
+    try:
+        content = await reply.response.aread()
+    finally:
+        await reply.response.aclose()
+    if reply.response.status_code != 200:
+        raise UpstreamError(f"HTTP {reply.response.status_code}")
+    return list(orjson.loads(content)["data"])
+
+
+def _decode(body: bytes, request_type: type):
+    if not body:
+        raise InvalidRequestError("The request body is empty; send a JSON object.", code="empty_body")
+    try:
+        return msgspec.json.decode(body, type=request_type)
+    except msgspec.ValidationError as exc:
+        param = str(exc).rpartition("$.")[2].rstrip("`") if "$." in str(exc) else None
+        raise InvalidRequestError(f"Invalid request: {exc}", param=param, code="invalid_type") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _has_path_metadata(parsed) -> bool:
+    return isinstance(parsed.metadata, dict) and METADATA_KEY in parsed.metadata
+
+
+def _without_path_metadata(body: bytes) -> bytes:
+    data = orjson.loads(body)
+    _drop_path_metadata(data)
+    return orjson.dumps(data)
+
+
+def _drop_path_metadata(data: dict) -> None:
+    metadata = data.get("metadata")
+    if isinstance(metadata, dict) and METADATA_KEY in metadata:
+        metadata.pop(METADATA_KEY)
+        if not metadata:
+            data.pop("metadata")
+
+
+def _stream_body(body: bytes, parsed) -> bytes:
+    """The body sent upstream for a stream: usage always asked for, the path entry removed."""
+    options = parsed.stream_options
+    if options and options.include_usage and not _has_path_metadata(parsed):
+        return body
+    data = orjson.loads(body)
+    data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+    _drop_path_metadata(data)
+    return orjson.dumps(data)
