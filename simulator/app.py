@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from litestar import Litestar, Request, Response, get, post
 from litestar.exceptions import HTTPException
+from litestar.params import FromPath
 
 from simulator.config import SimulatorConfig
 from simulator.dataset import LabelledDataset
@@ -44,7 +45,7 @@ async def models(request: Request) -> Response:
 
 
 @get("/v1/models/{model_id:str}")
-async def model(model_id: str) -> dict:
+async def model(model_id: FromPath[str]) -> dict:
     """One model: any name is accepted, as every name is answered."""
     return model_object(model_id)
 
