@@ -12,6 +12,7 @@ import click
 
 from arbitrage.config import load_config
 from arbitrage.errors import ArbitrageError
+from simulator.cli import sim
 
 CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_okay=False),
                              help="TOML config file (unknown keys are an error).")
@@ -145,15 +146,7 @@ def _terminal_width() -> int:
     return shutil.get_terminal_size((160, 24)).columns
 
 
-def _register_optional_commands() -> None:
-    try:
-        from simulator.cli import sim
-    except ImportError:  # the simulator ships with the package; only a broken install lacks it
-        return
-    main.add_command(sim)
-
-
-_register_optional_commands()
+main.add_command(sim)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -68,7 +68,7 @@ class PriceBook:
             if api_url and not provider:
                 return self._resolve(model, None, None)
             log.warning("no price known for model %r (provider %r): calls are recorded unpriced; "
-                        "add [prices.%r] to the config", model, provider, model)
+                        "add [prices.\"%s\"] to the config", model, provider, model)
             return None
         return _flat_rates(found.model_price) or _tiered_pricer(found.model_price)
 

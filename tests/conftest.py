@@ -1,0 +1,84 @@
+"""Session-wide real processes: one simulator and one gateway (with a key and a config file)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.processes import ServerProcess, arbitrage, gateway, simulator
+
+GATEWAY_CONFIG = """
+[gateway]
+max_body_bytes = 65536
+
+[[upstreams]]
+name = "primary"
+base_url = "{sim}/v1"
+models = ["gpt-*", "text-embedding-*"]
+max_retries = 2
+retry_max_wait_s = 0.2
+
+[[upstreams]]
+name = "faults"
+base_url = "{sim}/v1"
+models = ["*"]
+timeout_s = 2
+max_retries = 2
+retry_max_wait_s = 0.2
+
+[prices."mycorp-classifier"]
+input_per_mtok = 1.0
+cached_input_per_mtok = 0.5
+output_per_mtok = 4.0
+"""
+
+
+@dataclass
+class Gateway:
+    """A running gateway and what a test needs to talk to it."""
+
+    process: ServerProcess
+    data_dir: Path
+    key: str
+
+    @property
+    def base_url(self) -> str:
+        return self.process.url + "/v1"
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, **kwargs)
+
+    def async_client(self, **kwargs) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, **kwargs)
+
+    def rows(self, query: str) -> list[dict]:
+        """Rows of a query over the capture views, through the real ``arbitrage sql --json``."""
+        return json.loads(arbitrage("sql", query, "--json", "--data-dir", str(self.data_dir)).stdout)
+
+    def record(self, request_id: str) -> dict:
+        rows = self.rows(f"SELECT * FROM calls WHERE request_id = '{request_id}'")
+        assert len(rows) == 1, f"expected one record for {request_id}, found {len(rows)}"
+        return rows[0]
+
+
+@pytest.fixture(scope="session")
+def sim(tmp_path_factory) -> ServerProcess:
+    process = simulator(tmp_path_factory.mktemp("sim")).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def gw(sim, tmp_path_factory) -> Gateway:
+    tmp = tmp_path_factory.mktemp("gateway")
+    data_dir = tmp / "data"
+    key = arbitrage("keys", "create", "tests", "--data-dir", str(data_dir)).stdout.strip()
+    config = tmp / "arbitrage.toml"
+    config.write_text(GATEWAY_CONFIG.format(sim=sim.url))
+    process = gateway(tmp, data_dir, config=config).start()
+    yield Gateway(process, data_dir, key)
+    process.stop()
