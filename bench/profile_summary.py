@@ -14,16 +14,21 @@ import re
 from collections import Counter
 from pathlib import Path
 
+NATIVE = "(no Python frame: native code or idle)"
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
 def read_folded(path: Path) -> list[tuple[list[str], int]]:
-    """Stacks (outermost frame first) with their sample counts."""
+    """Stacks (outermost frame first) with their sample counts.
+
+    The `process N:"command"` frame that `py-spy --subprocesses` puts first is dropped.
+    """
     stacks = []
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
-            stacks.append((stack.split(";"), int(count)))
+            frames = [frame for frame in stack.split(";") if not frame.startswith("process ")]
+            stacks.append((frames or [NATIVE], int(count)))
     return stacks
 
 

@@ -70,6 +70,7 @@ class Settings:
     stub_port: int
     proxy_port: int
     out_dir: Path
+    profile: bool = False
 
 
 @dataclass
@@ -113,6 +114,8 @@ class TargetResult:
     latency_runs: list[WrkRun]
     throughput_runs: list[WrkRun]
     sample_response: dict
+    captured_rows: int | None = None
+    sent_requests: int = 0
 
     def median(self, runs: list[WrkRun], key: str) -> float:
         return statistics.median(run.latency_us[key] for run in runs)
@@ -258,7 +261,7 @@ def measure(target: Target, settings: Settings, service: Service | None) -> Targ
     """Warm up, then the latency runs and the throughput runs."""
     pgid = service.pid if service else None
     answer = check_answer(target)
-    run_wrk(target, settings.throughput_connections, settings.warmup_s, None)
+    warmup = run_wrk(target, settings.throughput_connections, settings.warmup_s, None)
     latency, throughput = [], []
     for index in range(settings.runs):
         latency.append(run_wrk(target, settings.latency_connections, settings.duration_s, pgid))
@@ -266,7 +269,37 @@ def measure(target: Target, settings: Settings, service: Service | None) -> Targ
         log(f"  run {index + 1}: {describe(latency[-1])} | {describe(throughput[-1])}")
     if service:
         service.check_alive()
-    return TargetResult(target.name, target.label, latency, throughput, answer)
+    result = TargetResult(target.name, target.label, latency, throughput, answer)
+    result.sent_requests = 1 + warmup.requests + sum(run.requests for run in latency + throughput)
+    return result
+
+
+def profile(target: Target, settings: Settings, service: Service, run_dir: Path) -> int:
+    """Sample the proxy with py-spy (on the client core) while wrk loads it at full concurrency."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    folded = run_dir / f"{target.name}.folded"
+    command = [
+        "taskset", "-c", CLIENT_CORE, py_spy, "record", "--pid", str(service.pid), "--subprocesses",
+        "--duration", str(settings.duration_s), "--rate", "250", "--nonblocking", "--full-filenames",
+        "--format", "raw", "--output", str(folded),
+    ]  # fmt: skip
+    log(f"  profiling {target.name} for {settings.duration_s} s at {settings.throughput_connections} connections")
+    sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        load = run_wrk(target, settings.throughput_connections, settings.duration_s + 2, None)
+        sampler.wait(timeout=60)
+    finally:
+        if sampler.poll() is None:
+            sampler.kill()
+    if not folded.exists():
+        raise RuntimeError(f"py-spy wrote no profile: {sampler.stderr.read() if sampler.stderr else ''}")
+    log(f"  under profiling: {describe(load)}")
+    summary = subprocess.run(
+        [sys.executable, str(BENCH / "profile_summary.py"), str(folded), "--top", "25"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    (run_dir / f"{target.name}-profile.md").write_text(summary)
+    return load.requests
 
 
 def describe(run: WrkRun) -> str:
@@ -329,7 +362,20 @@ def run_target(target: Target, settings: Settings, run_dir: Path) -> TargetResul
             service = Service(target.name, target.command, PROXY_CORE, target.env, run_dir / f"{target.name}.log")
             stack.callback(service.stop)
         wait_healthy(f"http://127.0.0.1:{target.port}{target.health_path}", service)
-        return measure(target, settings, service)
+        result = measure(target, settings, service)
+        if settings.profile and service:
+            result.sent_requests += profile(target, settings, service, run_dir)
+    if target.name == "arbitrage":
+        result.captured_rows = captured_rows(run_dir / "arbitrage-data")
+    return result
+
+
+def captured_rows(data_dir: Path) -> int:
+    """Rows the gateway captured (Parquet plus any journal lines), read after it stopped."""
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(path).metadata.num_rows for path in data_dir.rglob("*.parquet"))
+    return rows + sum(path.read_bytes().count(b"\n") for path in data_dir.rglob("*.jsonl"))
 
 
 def run_all(settings: Settings, run_dir: Path) -> list[TargetResult]:
@@ -372,6 +418,13 @@ def markdown_table(results: list[TargetResult], settings: Settings) -> str:
         f"\nLatency at {settings.latency_connections} connection, throughput at "
         f"{settings.throughput_connections}; medians of {settings.runs} wrk runs of {settings.duration_s} s each."
     )
+    for result in results:
+        if result.captured_rows is not None:
+            note += (
+                f"\n\nThe gateway captured {result.captured_rows:,} calls of the "
+                f"{result.sent_requests:,} requests wrk completed through it (warm-up and profiling included; "
+                "requests still in flight when a wrk run stops are captured but not counted by wrk)."
+            )
     failed = [f"{r.name}: {r.failed}" for r in results if r.failed]
     if failed:
         note += f"\n\n**Failed requests (socket errors or non-2xx):** {', '.join(failed)}"
@@ -437,6 +490,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--throughput-connections", type=int, default=16)
     parser.add_argument("--stub-port", type=int, default=18100)
     parser.add_argument("--proxy-port", type=int, default=18101)
+    parser.add_argument("--profile", action="store_true", help="after measuring, py-spy each proxy under load")
     parser.add_argument("--out-dir", type=Path, default=WORK / "runs", help="a timestamped folder is made here")
     args = parser.parse_args(argv)
     targets = tuple(name.strip() for name in args.targets.split(",") if name.strip())
@@ -445,7 +499,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {ALL_TARGETS}")
     return Settings(
         targets, args.runs, args.duration, args.warmup, args.latency_connections,
-        args.throughput_connections, args.stub_port, args.proxy_port, args.out_dir,
+        args.throughput_connections, args.stub_port, args.proxy_port, args.out_dir, args.profile,
     )  # fmt: skip
 
 
