@@ -148,5 +148,20 @@ def _terminal_width() -> int:
 
 main.add_command(sim)
 
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False), default="./arbitrage-data", show_default=True,
+              help="Where the demo's captured calls go.")
+@click.option("--port", type=int, default=8080, show_default=True, help="Gateway port.")
+@click.option("--requests", type=click.IntRange(1, 10_000), default=200, show_default=True,
+              help="Support queries the demo app sends through the gateway.")
+@click.option("--exit", "exit_after", is_flag=True, help="Stop after the traffic instead of serving on.")
+@friendly_errors
+def demo(data_dir, port, requests, exit_after) -> None:
+    """Run the gateway in front of the simulator (no API key needed), send app traffic, show the capture."""
+    from arbitrage.demo import run_demo
+
+    run_demo(Path(data_dir), port, requests, exit_after)
+
 if __name__ == "__main__":
     sys.exit(main())
