@@ -59,7 +59,7 @@ class KeyStore:
 
     def create(self, name: str) -> tuple[KeyEntry, str]:
         """Make a key; returns its entry and the key itself (shown once, never stored)."""
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise ConfigError(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         entry = KeyEntry(f"key_{secrets.token_hex(4)}", name, _digest(secret), datetime.now(UTC).isoformat())

@@ -25,7 +25,7 @@ def explicit_path(header: str | None, metadata: object) -> str | None:
         name = metadata.get(METADATA_KEY)
     if name is None:
         return None
-    if not isinstance(name, str) or not _VALID.match(name):
+    if not isinstance(name, str) or not _VALID.fullmatch(name):
         raise InvalidRequestError(
             "call path names are 1-128 characters: letters, digits and . _ : / - (starting with a letter or digit)",
             param=METADATA_KEY if header is None else PATH_HEADER,

@@ -23,7 +23,7 @@ import orjson
 from litestar import Response
 from litestar.response import Stream
 
-from arbitrage.errors import APIError, StoreError, UpstreamError
+from arbitrage.errors import APIError, StoreError, UpstreamError, UpstreamTimeoutError
 from arbitrage.pricing import PriceBook
 from arbitrage.capture.store import CaptureStore
 from gateway.metrics import Metrics
@@ -128,8 +128,12 @@ class Proxy:
             raise
 
     def _fail(self, call: Call, upstream: Upstream, attempts: int, exc: Exception) -> APIError:
-        error = UpstreamError(f"upstream {upstream.name!r} broke off its answer ({type(exc).__name__})",
-                              code="upstream_broken")
+        if isinstance(exc, httpx.TimeoutException):
+            error = UpstreamTimeoutError(f"upstream {upstream.name!r} stopped answering mid-response",
+                                         code="upstream_timeout")
+        else:
+            error = UpstreamError(f"upstream {upstream.name!r} broke off its answer ({type(exc).__name__})",
+                                  code="upstream_broken")
         self.record(call, upstream, Outcome(error.status_code, error_type=error.code, attempts=attempts))
         return error
 
@@ -145,6 +149,12 @@ class Proxy:
                         yield out
                     if outcome.error_type is None:
                         return
+            for event in splitter.flush():
+                out = self._relay_event(call, upstream, event, assembler, outcome)
+                if out is not None:
+                    yield out
+                if outcome.error_type is None:
+                    return
         except httpx.TimeoutException:
             outcome.error_type = "upstream_timeout"
         except httpx.TransportError:
@@ -226,9 +236,9 @@ class Proxy:
         try:
             self.store.append("calls", record)
             self.metrics.capture_records.inc()
-        except StoreError:
+        except StoreError as exc:
             self.metrics.capture_failures.inc()
-            log.exception("capture failed for request %s", record["request_id"])
+            log.error("capture failed for request %s: %s", record["request_id"], exc)
 
     def _observe(self, call: Call, record: dict) -> None:
         m, path, served = self.metrics, self.metrics.path_label(call.path), record["served_by"]

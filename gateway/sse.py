@@ -21,10 +21,10 @@ class EventSplitter:
         self._pending = events.pop()
         return [e for e in events if e.strip()]
 
-    @property
-    def pending(self) -> bytes:
-        """Bytes of an event that has not ended yet."""
-        return self._pending
+    def flush(self) -> list[bytes]:
+        """At the end of the stream: the last event, if it lacked its closing blank line."""
+        rest, self._pending = self._pending, b""
+        return [rest.rstrip(b"\n")] if rest.strip() else []
 
 
 def event_data(event: bytes) -> bytes | None:

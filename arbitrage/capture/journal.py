@@ -68,15 +68,17 @@ class Journal:
                 self._rotate()
 
     def tick(self) -> None:
-        """Periodic upkeep: flush to disk if asked, seal an old non-empty segment."""
+        """Periodic upkeep (run off the event loop): flush to disk if asked, seal an old segment."""
         with self._lock:
             if self._fd < 0:
                 return
-            if self._dirty and self.settings.fsync == "interval":
-                os.fsync(self._fd)
-                self._dirty = False
             if self._records and time.monotonic() - self._opened_at >= self.settings.segment_max_age_s:
                 self._rotate()
+            flush = self._dirty and self.settings.fsync == "interval"
+            fd, self._dirty = (os.dup(self._fd) if flush else -1), False
+        if fd >= 0:  # fsync outside the lock, so appends never wait for the disk
+            os.fsync(fd)
+            os.close(fd)
 
     def close(self) -> None:
         """Seal the active segment (an empty one is removed)."""

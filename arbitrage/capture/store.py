@@ -81,15 +81,18 @@ class CaptureStore:
         """Flush, seal and compact forever (cancel to stop)."""
         while True:
             await asyncio.sleep(min(self.settings.compact_interval_s, 1.0))
-            for journal in self.journals.values():
-                journal.tick()
             try:
-                result = await asyncio.to_thread(self.compact)
+                result = await asyncio.to_thread(self._upkeep)
             except Exception:  # keep capturing even if one pass fails; the journal keeps the data
                 log.exception("capture compaction failed; will retry")
                 continue
             if on_pass:
                 on_pass(result, self.backlog())
+
+    def _upkeep(self) -> CompactionResult:
+        for journal in self.journals.values():
+            journal.tick()
+        return self.compact()
 
     def close(self) -> None:
         """Seal the journals and compact them."""
