@@ -151,9 +151,11 @@ class Config(_Section):
 def load_config(path: str | Path | None = None, **overrides) -> Config:
     """Read the TOML file (if any), apply flag overrides, fill defaults from the environment."""
     raw = _read_toml(Path(path)) if path else {}
-    for key, value in overrides.items():
-        if value is not None and key != "upstream_url":
-            raw.setdefault("gateway", {})[key] = value
+    flags = {k: v for k, v in overrides.items() if v is not None and k != "upstream_url"}
+    if flags:
+        if not isinstance(raw.setdefault("gateway", {}), dict):
+            raise ConfigError(f"{path}: `gateway` must be a table ([gateway]), not {type(raw['gateway']).__name__}")
+        raw["gateway"].update(flags)
     if overrides.get("upstream_url"):
         raw["upstreams"] = [{"name": "default", "base_url": overrides["upstream_url"]}]
     config = _convert(raw, source=str(path or "defaults"))

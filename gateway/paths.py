@@ -38,5 +38,5 @@ def derived_path(endpoint: str, model: str, template: str) -> str:
     """A stable name for (endpoint, model, normalized template text)."""
     normalized = _SPACE.sub(" ", template).strip()
     digest = hashlib.sha256(f"{endpoint}\0{model}\0{normalized}".encode()).hexdigest()[:10]
-    prefix = re.sub(r"[^A-Za-z0-9._-]", "_", model)[:48] or "model"
+    prefix = re.sub(r"[^A-Za-z0-9._-]", "_", model).lstrip("._-")[:48] or "model"
     return f"{prefix}-{digest}"

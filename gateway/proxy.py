@@ -187,11 +187,12 @@ class Proxy:
             return event + b"\n\n"
         if "error" in chunk:
             outcome.error_type = "upstream_stream_error"
-        elif not chunk.get("choices") and chunk.get("usage") is not None:
+            return event + b"\n\n"
+        if chunk.get("usage"):  # OpenAI sends it in a chunk of its own; some providers beside the last choice
             assembler.usage = chunk["usage"]
-            if not call.wants_usage:
+            if not chunk.get("choices") and not call.wants_usage:
                 return None
-        elif assembler.add(chunk) and outcome.ttft_ms is None:
+        if assembler.add(chunk) and outcome.ttft_ms is None:
             outcome.ttft_ms = call.elapsed_ms()
         return event + b"\n\n"
 

@@ -54,6 +54,7 @@ def check_startup(config: Config, keys: KeyStore) -> None:
 
 
 def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
     if host == "localhost":
         return True
     try:

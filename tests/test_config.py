@@ -185,8 +185,6 @@ def test_unknown_price_key_is_named(tmp_path):
     assert "`cache_per_mtok`" in config_error(tmp_path, text)
 
 
-@pytest.mark.xfail(reason="BUG: load_config writes flag overrides into raw['gateway'] before checking it is a table",
-                   strict=True)
 def test_gateway_that_is_not_a_table_is_a_config_error_with_flags(tmp_path):
     with pytest.raises(ConfigError, match="gateway"):
         load_config(write(tmp_path, 'gateway = "x"\n'), port=9000)

@@ -42,7 +42,7 @@ def compact(table_dir: Path, schema: pa.Schema) -> CompactionResult:
     result = CompactionResult()
     out_dir = table_dir / PARQUET_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    for segment in sorted((table_dir / JOURNAL_DIR).glob(f"*{SEGMENT_SUFFIX}")):
+    for segment in sorted((table_dir / JOURNAL_DIR).glob(f"[!_]*{SEGMENT_SUFFIX}")):  # "_": layout files
         _compact_if_sealed(segment, out_dir, schema, result)
     return result
 
@@ -89,7 +89,7 @@ def _parse(data: bytes, schema: pa.Schema) -> tuple[pa.Table, int]:
         return schema.empty_table(), 0
     options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     try:
-        return pa_json.read_json(io.BytesIO(data), parse_options=options), 0
+        return pa_json.read_json(io.BytesIO(data), read_options=_read_options(data), parse_options=options), 0
     except pa.ArrowInvalid:
         return _parse_line_by_line(data, schema)
 
@@ -99,11 +99,19 @@ def _parse_line_by_line(data: bytes, schema: pa.Schema) -> tuple[pa.Table, int]:
     options = pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
     tables, bad = [schema.empty_table()], 0
     for line in data.splitlines():
+        if not line.strip():
+            continue
         try:
-            tables.append(pa_json.read_json(io.BytesIO(line), parse_options=options))
+            tables.append(pa_json.read_json(io.BytesIO(line), read_options=_read_options(line),
+                                            parse_options=options))
         except pa.ArrowInvalid:
             bad += 1
     return pa.concat_tables(tables), bad
+
+
+def _read_options(data: bytes) -> pa_json.ReadOptions:
+    """A block must hold the longest line, or pyarrow rejects it (records can be megabytes)."""
+    return pa_json.ReadOptions(block_size=max(len(data) + 1, 1 << 20))
 
 
 def _write_atomically(table: pa.Table, target: Path) -> None:

@@ -17,10 +17,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from arbitrage.capture.compactor import PARQUET_DIR
+from arbitrage.capture.journal import JOURNAL_DIR
 from arbitrage.errors import MigrationError
 
 SCHEMA_FILE = "schema.json"
+SCHEMA_PARQUET = "_schema.parquet"
+EMPTY_JOURNAL = "_empty.jsonl"
 
 
 @dataclass(frozen=True)
@@ -96,16 +101,30 @@ def migrate(data_dir: Path, migrations: tuple[Migration, ...] = MIGRATIONS) -> l
     with open(data_dir / ".schema.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = applied(data_dir)
-        _check_known(done, migrations, data_dir)
+        check_known(done, migrations, data_dir)
         pending = [m for m in migrations if m.name not in done]
-        for m in pending:
-            (data_dir / m.table).mkdir(exist_ok=True)
+        for table in tables(migrations):
+            ensure_layout(data_dir / table, table_schema(table, migrations))
         if pending:
             _record(data_dir, done + [m.name for m in pending])
         return [m.name for m in pending]
 
 
-def _check_known(done: list[str], migrations: tuple[Migration, ...], data_dir: Path) -> None:
+def ensure_layout(table_dir: Path, schema: pa.Schema) -> None:
+    """A table's folders, plus two empty files (names starting with "_") that give the views'
+    globs a match and the current column types even before the first record."""
+    (table_dir / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
+    (table_dir / PARQUET_DIR).mkdir(parents=True, exist_ok=True)
+    (table_dir / JOURNAL_DIR / EMPTY_JOURNAL).touch()
+    sentinel = table_dir / PARQUET_DIR / SCHEMA_PARQUET
+    if not sentinel.exists() or not pq.read_schema(sentinel).equals(schema):
+        temp = sentinel.with_name(f".{SCHEMA_PARQUET}.{os.getpid()}.tmp")
+        pq.write_table(schema.empty_table(), temp)
+        os.replace(temp, sentinel)
+
+
+def check_known(done: list[str], migrations: tuple[Migration, ...], data_dir: Path) -> None:
+    """Raise MigrationError unless the applied migrations are a prefix of the known ones."""
     known = [m.name for m in migrations]
     if done != known[: len(done)]:
         raise MigrationError(

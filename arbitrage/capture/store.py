@@ -27,16 +27,6 @@ from arbitrage.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-_DUCKDB_TYPES = {
-    pa.string(): "VARCHAR",
-    pa.int32(): "INTEGER",
-    pa.int64(): "BIGINT",
-    pa.float64(): "DOUBLE",
-    pa.bool_(): "BOOLEAN",
-    pa.timestamp("us", tz="UTC"): "TIMESTAMPTZ",
-}
-
-
 class CaptureStore:
     """Writes records durably and compacts them in the background."""
 
@@ -74,7 +64,7 @@ class CaptureStore:
 
     def backlog(self) -> tuple[int, int]:
         """(segments, bytes) written to journals and not yet compacted, all writers."""
-        files = [f for t in self.schemas for f in (self.data_dir / t / JOURNAL_DIR).glob(f"*{SEGMENT_SUFFIX}")]
+        files = [f for t in self.schemas for f in (self.data_dir / t / JOURNAL_DIR).glob(f"[!_]*{SEGMENT_SUFFIX}")]
         return len(files), sum(_size(f) for f in files)
 
     async def run_background(self, on_pass=None) -> None:
@@ -108,32 +98,43 @@ def _size(path: Path) -> int:
         return 0
 
 
-def connect(data_dir: Path) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with one view per table over the store."""
+def connect(data_dir: Path, known: tuple[migrations.Migration, ...] = migrations.MIGRATIONS
+            ) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection with one view per table over the store.
+
+    The views find their files at query time, so a long-lived connection keeps seeing new
+    records and is not broken by compaction.
+    """
     if not (data_dir / migrations.SCHEMA_FILE).exists():
         raise StoreError(f"{data_dir} is not an arbitrage data directory (no {migrations.SCHEMA_FILE})")
+    migrations.check_known(migrations.applied(data_dir), known, data_dir)
     con = duckdb.connect()
-    for table in migrations.tables():
-        _create_view(con, data_dir / table, table, migrations.table_schema(table))
+    for table in migrations.tables(known):
+        _create_view(con, data_dir / table, table, migrations.table_schema(table, known))
     return con
 
 
 def _create_view(con: duckdb.DuckDBPyConnection, table_dir: Path, name: str, schema: pa.Schema) -> None:
+    """``name`` = typed empty table + Parquet files + journal segments not yet compacted.
+
+    A segment whose Parquet file exists already (the instant between rename and unlink) is
+    skipped, so no record is counted twice.
+    """
     con.register(f"_{name}_empty", schema.empty_table())
-    parts = [f"SELECT * FROM _{name}_empty"]
-    parquet = sorted((table_dir / PARQUET_DIR).glob("*.parquet"))
-    compacted = {p.stem for p in parquet}
-    journal = [j for j in sorted((table_dir / JOURNAL_DIR).glob(f"*{SEGMENT_SUFFIX}")) if j.stem not in compacted]
-    if parquet:
-        parts.append(f"SELECT * FROM read_parquet({_sql_list(parquet)}, union_by_name = true)")
-    if journal:
-        columns = "{" + ", ".join(f"'{f.name}': '{_DUCKDB_TYPES[f.type]}'" for f in schema) + "}"
-        parts.append(
-            f"SELECT * FROM read_json({_sql_list(journal)}, format = 'newline_delimited', "
-            f"columns = {columns}, ignore_errors = true)"
-        )
-    con.execute(f"CREATE VIEW {name} AS " + " UNION ALL BY NAME ".join(parts))
+    parquet, journal = _sql_str(table_dir / PARQUET_DIR / "*.parquet"), _sql_str(table_dir / JOURNAL_DIR / "*.jsonl")
+    types = con.from_arrow(schema.empty_table()).dtypes
+    columns = "{" + ", ".join(f"'{f.name}': '{t}'" for f, t in zip(schema, types)) + "}"
+    con.execute(f"""
+        CREATE VIEW {name} AS
+        SELECT * FROM _{name}_empty
+        UNION ALL BY NAME
+        SELECT * EXCLUDE (filename) FROM read_parquet({parquet}, union_by_name = true, filename = true)
+        UNION ALL BY NAME
+        SELECT * EXCLUDE (filename) FROM read_json({journal}, format = 'newline_delimited', columns = {columns},
+                                                   ignore_errors = true, filename = true)
+        WHERE parse_filename(filename, true) NOT IN (SELECT parse_filename(file, true) FROM glob({parquet}))
+    """)
 
 
-def _sql_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+def _sql_str(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
