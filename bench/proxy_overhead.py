@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import secrets
 import shutil
 import signal
@@ -55,6 +56,10 @@ REQUEST_BODY = json.dumps(
     separators=(",", ":"),
 ).encode()
 ALL_TARGETS = ("direct", "direct-x", "arbitrage", "litellm")
+# A busy loop at SCHED_IDLE priority: it runs only when nothing else on its core wants to, so it
+# takes no time from the measured processes, but it keeps the virtual CPU from halting when idle.
+# Waking a halted vCPU goes through the host and costs milliseconds at the tail on this VM.
+SPINNER = ["chrt", "--idle", "0", "sh", "-c", "while :; do :; done"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,7 @@ class Settings:
     proxy_port: int
     out_dir: Path
     profile: bool = False
+    keep_cores_awake: bool = False
 
 
 @dataclass
@@ -97,6 +103,7 @@ class WrkRun:
     errors: dict[str, int]
     latency_us: dict[str, float]
     proxy_cpu: float | None = None
+    other_cpu: float = 0.0
 
     @property
     def requests_per_s(self) -> float:
@@ -141,9 +148,16 @@ class TargetResult:
     def failed(self) -> int:
         return sum(run.failed for run in self.latency_runs + self.throughput_runs)
 
+    @property
+    def other_cpu(self) -> float:
+        """The most CPU (in cores) that processes outside the benchmark took during one run."""
+        return max(run.other_cpu for run in self.latency_runs + self.throughput_runs)
+
 
 class Service:
     """A child process in its own process group, pinned to one core, logging to a file."""
+
+    running: list[Service] = []
 
     def __init__(self, name: str, command: list[str], core: str, env: dict[str, str], log: Path):
         self.name = name
@@ -156,8 +170,10 @@ class Service:
             stderr=subprocess.STDOUT,
             env=full_env,
             cwd=ROOT,
-            start_new_session=True,
+            process_group=0,  # its own group to kill, but not a new session: with the kernel's
+            # autogroup scheduling a new session would be a new CPU-share group and defeat SCHED_IDLE
         )
+        Service.running.append(self)
 
     @property
     def pid(self) -> int:
@@ -179,6 +195,7 @@ class Service:
                 self.process.wait(timeout=5)
         self._signal_group(signal.SIGKILL)  # stragglers in the group (workers, helpers)
         self.log_file.close()
+        Service.running.remove(self)
 
     def _signal_group(self, sig: int) -> None:
         try:
@@ -187,8 +204,8 @@ class Service:
             pass
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU time of every live process in a process group."""
+def group_cpu_seconds(pgids: set[int]) -> float:
+    """User + system CPU time of every live process in the given process groups."""
     ticks = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -197,9 +214,45 @@ def group_cpu_seconds(pgid: int) -> float:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        if int(fields[2]) == pgid:  # after the name: state, ppid, pgrp, ...
+        if int(fields[2]) in pgids:  # after the name: state, ppid, pgrp, ...
             ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores spent not idle, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = values
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this driver and its finished children (wrk, py-spy)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class CpuMeter:
+    """CPU use during one wrk run: the proxy's, and that of processes outside the benchmark."""
+
+    def __init__(self, proxy_pgid: int | None) -> None:
+        self.proxy_pgid = proxy_pgid
+        self.services = {service.pid for service in Service.running}
+        self.started = time.monotonic()
+        self.proxy, self.ours, self.busy = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        proxy = group_cpu_seconds({self.proxy_pgid}) if self.proxy_pgid else 0.0
+        ours = group_cpu_seconds(self.services) + own_cpu_seconds()
+        return proxy, ours, machine_busy_seconds()
+
+    def finish(self, run: WrkRun) -> None:
+        elapsed = time.monotonic() - self.started
+        proxy, ours, busy = self._sample()
+        if self.proxy_pgid:
+            run.proxy_cpu = (proxy - self.proxy) / elapsed
+        run.other_cpu = max(0.0, ((busy - self.busy) - (ours - self.ours)) / elapsed)
 
 
 def http_request(url: str, api_key: str | None = None, body: bytes | None = None) -> tuple[int, bytes]:
@@ -246,14 +299,11 @@ def run_wrk(target: Target, connections: int, duration_s: int, pgid: int | None)
         "--timeout", "10s", "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{target.port}",
     ]  # fmt: skip
     env = {**os.environ, "BENCH_API_KEY": target.api_key}
-    cpu_before = group_cpu_seconds(pgid) if pgid else 0.0
-    started = time.monotonic()
+    meter = CpuMeter(pgid)
     output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
-    elapsed = time.monotonic() - started
     line = next(line for line in output.splitlines() if line.startswith("WRK_JSON "))
     run = WrkRun(connections=connections, **json.loads(line.removeprefix("WRK_JSON ")))
-    if pgid:
-        run.proxy_cpu = (group_cpu_seconds(pgid) - cpu_before) / elapsed
+    meter.finish(run)
     return run
 
 
@@ -309,6 +359,8 @@ def describe(run: WrkRun) -> str:
     )
     if run.proxy_cpu is not None:
         text += f" cpu {100 * run.proxy_cpu:.0f}%"
+    if run.other_cpu >= 0.05:
+        text += f" (others used {run.other_cpu:.2f} cores)"
     if run.failed:
         text += f" ERRORS {run.errors}"
     return text
@@ -379,15 +431,18 @@ def captured_rows(data_dir: Path) -> int:
 
 
 def run_all(settings: Settings, run_dir: Path) -> list[TargetResult]:
-    """Start the stub, then measure each target in turn; the stub is stopped whatever happens."""
+    """Start the stub, then measure each target in turn; everything is stopped whatever happens."""
     targets = build_targets(settings, run_dir)
     stub_command = [sys.executable, str(BENCH / "stub_upstream.py"), "--port", str(settings.stub_port)]
-    stub = Service("stub", stub_command, CLIENT_CORE, {}, run_dir / "stub.log")
-    try:
+    with ExitStack() as stack:
+        if settings.keep_cores_awake:
+            for core in (PROXY_CORE, CLIENT_CORE):
+                spinner = Service(f"spinner-{core}", SPINNER, core, {}, run_dir / f"spinner-{core}.log")
+                stack.callback(spinner.stop)
+        stub = Service("stub", stub_command, CLIENT_CORE, {}, run_dir / "stub.log")
+        stack.callback(stub.stop)
         wait_healthy(f"http://127.0.0.1:{settings.stub_port}/v1/models", stub)
         return [run_target(targets[name], settings, run_dir) for name in settings.targets]
-    finally:
-        stub.stop()
 
 
 def ms(value: float) -> str:
@@ -414,9 +469,11 @@ def markdown_table(results: list[TargetResult], settings: Settings) -> str:
             f"| {result.label} | {ms(result.p50_ms)} | {ms(result.p99_ms)} | {added[0]} | {added[1]} "
             f"| {result.requests_per_s:,.0f} | {cpu} | {ratio} |"
         )
+    awake = "kept awake by SCHED_IDLE busy loops" if settings.keep_cores_awake else "left to idle (halt) as usual"
     note = (
         f"\nLatency at {settings.latency_connections} connection, throughput at "
-        f"{settings.throughput_connections}; medians of {settings.runs} wrk runs of {settings.duration_s} s each."
+        f"{settings.throughput_connections}; medians of {settings.runs} wrk runs of {settings.duration_s} s each; "
+        f"cores {awake}."
     )
     for result in results:
         if result.captured_rows is not None:
@@ -425,6 +482,12 @@ def markdown_table(results: list[TargetResult], settings: Settings) -> str:
                 f"{result.sent_requests:,} requests wrk completed through it (warm-up and profiling included; "
                 "requests still in flight when a wrk run stops are captured but not counted by wrk)."
             )
+    busy = [f"{r.name} {r.other_cpu:.2f}" for r in results if r.other_cpu >= 0.05]
+    if busy:
+        note += (
+            "\n\n**Other processes were busy during the runs** (most cores they used in one run): "
+            + ", ".join(busy)
+        )
     failed = [f"{r.name}: {r.failed}" for r in results if r.failed]
     if failed:
         note += f"\n\n**Failed requests (socket errors or non-2xx):** {', '.join(failed)}"
@@ -491,6 +554,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--stub-port", type=int, default=18100)
     parser.add_argument("--proxy-port", type=int, default=18101)
     parser.add_argument("--profile", action="store_true", help="after measuring, py-spy each proxy under load")
+    parser.add_argument(
+        "--keep-cores-awake", action="store_true",
+        help="run a SCHED_IDLE busy loop on both cores, so that no vCPU halts between requests",
+    )
     parser.add_argument("--out-dir", type=Path, default=WORK / "runs", help="a timestamped folder is made here")
     args = parser.parse_args(argv)
     targets = tuple(name.strip() for name in args.targets.split(",") if name.strip())
@@ -500,6 +567,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     return Settings(
         targets, args.runs, args.duration, args.warmup, args.latency_connections,
         args.throughput_connections, args.stub_port, args.proxy_port, args.out_dir, args.profile,
+        args.keep_cores_awake,
     )  # fmt: skip
 
 
