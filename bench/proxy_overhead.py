@@ -11,6 +11,8 @@ Targets:
   direct-x    wrk on core 0 -> stub on core 1: the cost of crossing cores alone (context)
   arbitrage   this project's gateway, `arbitrage serve --dev` (capture and metrics on)
   litellm     LiteLLM's proxy from its own venv (bench/.work/litellm-venv), 1 worker, no database
+  floor-*     `floor_proxy.py`: a bare ASGI app under uvicorn that only forwards, with the httpx,
+              aiohttp or a minimal raw asyncio client (bench/.work/floor-venv): the Python floor
 
     .venv/bin/python bench/proxy_overhead.py                 # all targets, 3 x 10 s per point
     .venv/bin/python bench/proxy_overhead.py --targets direct,litellm --runs 1 --duration 5
@@ -43,6 +45,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 WORK = BENCH / ".work"
 LITELLM_VENV = WORK / "litellm-venv"
+FLOOR_VENV = WORK / "floor-venv"
 WRK_SCRIPT = BENCH / "chat_request.lua"
 PROXY_CORE, CLIENT_CORE = "0", "1"
 REQUEST_BODY = json.dumps(
@@ -55,7 +58,7 @@ REQUEST_BODY = json.dumps(
     },
     separators=(",", ":"),
 ).encode()
-ALL_TARGETS = ("direct", "direct-x", "arbitrage", "litellm")
+ALL_TARGETS = ("direct", "direct-x", "arbitrage", "litellm", "floor-httpx", "floor-aiohttp", "floor-raw")
 # A busy loop at SCHED_IDLE priority: it runs only when nothing else on its core wants to, so it
 # takes no time from the measured processes, but it keeps the virtual CPU from halting when idle.
 # Waking a halted vCPU goes through the host and costs milliseconds at the tail on this VM.
@@ -403,6 +406,17 @@ def build_targets(settings: Settings, run_dir: Path) -> dict[str, Target]:
                 "LITELLM_MODE": "PRODUCTION",  # do not read a .env file
             },
         ),
+        **{
+            f"floor-{client}": Target(
+                f"floor-{client}", f"floor: bare ASGI + uvicorn, {client} client",
+                [
+                    str(FLOOR_VENV / "bin/python"), str(BENCH / "floor_proxy.py"), "--client", client,
+                    "--port", str(port), "--upstream-url", stub_base,
+                ],
+                port, "/healthz", key,
+            )
+            for client in ("httpx", "aiohttp", "raw")
+        },
     }  # fmt: skip
 
 
