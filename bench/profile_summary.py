@@ -15,7 +15,32 @@ from collections import Counter
 from pathlib import Path
 
 NATIVE = "(no Python frame: native code or idle)"
+ROOT = str(Path(__file__).resolve().parent.parent) + "/"
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+# Packages grouped into the parts of a proxy, first match wins; anything else is "other".
+COMPONENTS = (
+    ("upstream HTTP client: httpx, httpcore, h11, anyio", ("httpx", "httpcore", "h11", "anyio", "sniffio")),
+    ("upstream HTTP client: aiohttp", ("aiohttp", "multidict", "yarl", "aiohappyeyeballs")),
+    ("retries: stamina, tenacity", ("stamina", "tenacity")),
+    ("HTTP server and framework: uvicorn, litestar, fastapi, starlette", (
+        "uvicorn", "litestar", "fastapi", "starlette", "msgspec", "multipart", "granian")),
+    ("capture: arbitrage/capture, pyarrow", ("arbitrage/capture", "pyarrow")),
+    ("metrics: prometheus_client", ("prometheus_client",)),
+    ("gateway code: gateway/, arbitrage/", ("gateway", "arbitrage", "bench")),
+    ("litellm, openai, pydantic", ("litellm", "openai", "pydantic", "pydantic_core", "tiktoken")),
+    ("event loop: asyncio (uvloop runs in C under it)", ("stdlib/asyncio", "stdlib/concurrent", "uvloop")),
+    ("other standard library", ("stdlib", "<frozen")),
+    ("no Python frame: native code or idle", (NATIVE,)),
+)
+
+
+def component_of(package: str) -> str:
+    for component, prefixes in COMPONENTS:
+        if any(package == p or package.startswith((p + "/", p + " ")) for p in prefixes):
+            return component
+    return "other"
 
 
 def read_folded(path: Path) -> list[tuple[list[str], int]]:
@@ -43,6 +68,8 @@ def function_name(frame: str) -> str:
 def short_file(file: str) -> str:
     if "site-packages/" in file:
         return file.split("site-packages/", 1)[1]
+    if file.startswith(ROOT):
+        return file.removeprefix(ROOT)
     if "/lib/python3" in file:
         return "stdlib/" + file.split("/lib/python3", 1)[1].split("/", 1)[-1]
     return file
@@ -72,6 +99,13 @@ def tallies(stacks: list[tuple[list[str], int]]) -> tuple[Counter, Counter, Coun
     return own, inclusive, packages
 
 
+def components(packages: Counter) -> Counter:
+    grouped = Counter()
+    for package, count in packages.items():
+        grouped[component_of(package)] += count
+    return grouped
+
+
 def table(title: str, counts: Counter, total: int, top: int) -> str:
     rows = [f"| {title} | % of samples |", "| --- | ---: |"]
     rows += [f"| `{name}` | {100 * n / total:.1f} |" for name, n in counts.most_common(top)]
@@ -86,6 +120,7 @@ def summarize(path: Path, top: int) -> str:
     return "\n\n".join(
         [
             f"{total} samples from `{path.name}`",
+            table("self time, by component", components(packages), total, top),
             table("self time, by package", packages, total, top),
             table("self time, by function", own, total, top),
             table("inclusive time, by function", inclusive, total, top),

@@ -16,6 +16,7 @@ Targets:
 
     .venv/bin/python bench/proxy_overhead.py                 # all targets, 3 x 10 s per point
     .venv/bin/python bench/proxy_overhead.py --targets direct,litellm --runs 1 --duration 5
+    .venv/bin/python bench/proxy_overhead.py --profile arbitrage      # and py-spy it under load
 
 Everything it starts runs in its own process group and is killed on exit, even on error.
 """
@@ -78,7 +79,7 @@ class Settings:
     stub_port: int
     proxy_port: int
     out_dir: Path
-    profile: bool = False
+    profile: tuple[str, ...] = ()
     keep_cores_awake: bool = False
 
 
@@ -327,19 +328,19 @@ def measure(target: Target, settings: Settings, service: Service | None) -> Targ
     return result
 
 
-def profile(target: Target, settings: Settings, service: Service, run_dir: Path) -> int:
-    """Sample the proxy with py-spy (on the client core) while wrk loads it at full concurrency."""
+def profile(target: Target, settings: Settings, service: Service, run_dir: Path, connections: int) -> int:
+    """Sample the proxy with py-spy (on the client core) while wrk loads it; returns requests sent."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    folded = run_dir / f"{target.name}.folded"
+    folded = run_dir / f"{target.name}-c{connections}.folded"
     command = [
         "taskset", "-c", CLIENT_CORE, py_spy, "record", "--pid", str(service.pid), "--subprocesses",
         "--duration", str(settings.duration_s), "--rate", "250", "--nonblocking", "--full-filenames",
         "--format", "raw", "--output", str(folded),
     ]  # fmt: skip
-    log(f"  profiling {target.name} for {settings.duration_s} s at {settings.throughput_connections} connections")
+    log(f"  profiling {target.name} for {settings.duration_s} s at {connections} connections")
     sampler = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        load = run_wrk(target, settings.throughput_connections, settings.duration_s + 2, None)
+        load = run_wrk(target, connections, settings.duration_s + 2, None)
         sampler.wait(timeout=60)
     finally:
         if sampler.poll() is None:
@@ -351,7 +352,7 @@ def profile(target: Target, settings: Settings, service: Service, run_dir: Path)
         [sys.executable, str(BENCH / "profile_summary.py"), str(folded), "--top", "25"],
         capture_output=True, text=True, check=True,
     ).stdout
-    (run_dir / f"{target.name}-profile.md").write_text(summary)
+    (run_dir / f"{target.name}-c{connections}-profile.md").write_text(summary)
     return load.requests
 
 
@@ -429,8 +430,9 @@ def run_target(target: Target, settings: Settings, run_dir: Path) -> TargetResul
             stack.callback(service.stop)
         wait_healthy(f"http://127.0.0.1:{target.port}{target.health_path}", service)
         result = measure(target, settings, service)
-        if settings.profile and service:
-            result.sent_requests += profile(target, settings, service, run_dir)
+        if target.name in settings.profile and service:
+            for connections in (settings.latency_connections, settings.throughput_connections):
+                result.sent_requests += profile(target, settings, service, run_dir, connections)
     if target.name == "arbitrage":
         result.captured_rows = captured_rows(run_dir / "arbitrage-data")
     return result
@@ -567,7 +569,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--throughput-connections", type=int, default=16)
     parser.add_argument("--stub-port", type=int, default=18100)
     parser.add_argument("--proxy-port", type=int, default=18101)
-    parser.add_argument("--profile", action="store_true", help="after measuring, py-spy each proxy under load")
+    parser.add_argument(
+        "--profile", default="", metavar="TARGETS",
+        help="comma-separated proxies to py-spy under load after measuring them (at both connection counts)",
+    )
     parser.add_argument(
         "--keep-cores-awake", action="store_true",
         help="run a SCHED_IDLE busy loop on both cores, so that no vCPU halts between requests",
@@ -575,12 +580,13 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--out-dir", type=Path, default=WORK / "runs", help="a timestamped folder is made here")
     args = parser.parse_args(argv)
     targets = tuple(name.strip() for name in args.targets.split(",") if name.strip())
-    unknown = set(targets) - set(ALL_TARGETS)
+    profiled = tuple(name.strip() for name in args.profile.split(",") if name.strip())
+    unknown = (set(targets) | set(profiled)) - set(ALL_TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {ALL_TARGETS}")
     return Settings(
         targets, args.runs, args.duration, args.warmup, args.latency_connections,
-        args.throughput_connections, args.stub_port, args.proxy_port, args.out_dir, args.profile,
+        args.throughput_connections, args.stub_port, args.proxy_port, args.out_dir, profiled,
         args.keep_cores_awake,
     )  # fmt: skip
 
