@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
@@ -28,9 +27,9 @@ async def metrics(request: Request) -> Response:
     return Response(request.app.state.gateway.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
 
-def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None) -> Litestar:
-    """The gateway app; ``transport`` replaces the network for in-process tests."""
-    gateway = Gateway(config, transport)
+def create_app(config: Config) -> Litestar:
+    """The gateway app for one configuration."""
+    gateway = Gateway(config)
     return Litestar(
         route_handlers=[chat_completions, completions, embeddings, list_models, healthz, metrics],
         lifespan=[gateway.lifespan],

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import AsyncIterator, Protocol
 
-import httpx
 import orjson
 from litestar import Response
 from litestar.response import Stream
@@ -28,7 +27,7 @@ from arbitrage.pricing import PriceBook
 from arbitrage.capture.store import CaptureStore
 from gateway.metrics import Metrics
 from gateway.sse import DONE, EventSplitter, error_event, event_data
-from gateway.upstream import RELAYED_RESPONSE_HEADERS, Upstream, UpstreamReply
+from gateway.upstream import RELAYED_RESPONSE_HEADERS, TRANSPORT_ERRORS, Upstream, UpstreamReply
 
 log = logging.getLogger(__name__)
 
@@ -94,28 +93,25 @@ class Proxy:
         """Forward a non-streaming call; relay the upstream body as it is."""
         reply = await self._send(call, upstream, body, headers)
         try:
-            content = await reply.response.aread()
-        except httpx.TransportError as exc:
+            content = await reply.read()
+        except TRANSPORT_ERRORS as exc:
             raise self._fail(call, upstream, reply.attempts, exc) from exc
-        finally:
-            await reply.response.aclose()
-        parsed = _json_object(content)
-        self.record(call, upstream, _outcome(reply, content, parsed))
-        return Response(content, status_code=reply.response.status_code, headers=self._headers(call, reply),
-                        media_type=reply.response.headers.get("content-type", "application/json"))
+        self.record(call, upstream, _outcome(reply, content, _json_object(content)))
+        return Response(content, status_code=reply.status, headers=self._headers(call, reply),
+                        media_type=reply.headers.get("content-type", "application/json"))
 
     async def stream(self, call: Call, upstream: Upstream, headers: dict[str, str], body: bytes,
                      assembler: StreamAssembler) -> Response:
         """Forward a streaming call; relay its events as they arrive."""
         reply = await self._send(call, upstream, body, headers)
-        ctype = reply.response.headers.get("content-type", "")
-        if reply.response.status_code != 200 or not ctype.startswith("text/event-stream"):
+        ctype = reply.headers.get("content-type", "")
+        if reply.status != 200 or not ctype.startswith("text/event-stream"):
             try:
-                content = await reply.response.aread()
-            finally:
-                await reply.response.aclose()
+                content = await reply.read()
+            except TRANSPORT_ERRORS as exc:
+                raise self._fail(call, upstream, reply.attempts, exc) from exc
             self.record(call, upstream, _outcome(reply, content, _json_object(content)))
-            return Response(content, status_code=reply.response.status_code, media_type=ctype or None,
+            return Response(content, status_code=reply.status, media_type=ctype or None,
                             headers=self._headers(call, reply))
         events = self._relay(call, upstream, reply, assembler)
         return Stream(events, media_type="text/event-stream", headers=self._headers(call, reply))
@@ -128,7 +124,7 @@ class Proxy:
             raise
 
     def _fail(self, call: Call, upstream: Upstream, attempts: int, exc: Exception) -> APIError:
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, asyncio.TimeoutError):
             error = UpstreamTimeoutError(f"upstream {upstream.name!r} stopped answering mid-response",
                                          code="upstream_timeout")
         else:
@@ -142,7 +138,7 @@ class Proxy:
         outcome = Outcome(200, attempts=reply.attempts, error_type="stream_cut_off")
         splitter = EventSplitter()
         try:
-            async for data in reply.response.aiter_raw():
+            async for data in reply.chunks():
                 for event in splitter.feed(data):
                     out = self._relay_event(call, upstream, event, assembler, outcome)
                     if out is not None:
@@ -155,11 +151,12 @@ class Proxy:
                     yield out
                 if outcome.error_type is None:
                     return
-        except httpx.TimeoutException:
+        except asyncio.TimeoutError:
             outcome.error_type = "upstream_timeout"
-        except httpx.TransportError:
+        except TRANSPORT_ERRORS:
             outcome.error_type = "stream_cut_off"
         except (asyncio.CancelledError, GeneratorExit):
+            reply.abort()  # the client left: stop the upstream generating (and billing)
             outcome.error_type = "client_disconnected"
             self._finish_stream(call, upstream, outcome, assembler, 499)
             raise
@@ -167,7 +164,7 @@ class Proxy:
             log.exception("relaying the stream of request %s failed", call.request_id)
             outcome.error_type = "gateway_error"
         finally:
-            await reply.response.aclose()
+            reply.release()
         self._finish_stream(call, upstream, outcome, assembler, 502)
         yield error_event("The upstream stream ended before the answer was complete.", "upstream_error",
                           outcome.error_type or "stream_cut_off")
@@ -261,7 +258,7 @@ class Proxy:
     def _headers(self, call: Call, reply: UpstreamReply) -> dict[str, str]:
         headers = {REQUEST_ID_HEADER: call.request_id}
         for name in RELAYED_RESPONSE_HEADERS:
-            value = reply.response.headers.get(name)
+            value = reply.headers.get(name)
             if value is not None:
                 headers[name] = value
         return headers
@@ -277,7 +274,7 @@ def _error_label(error_type: str) -> str:
 
 
 def _outcome(reply: UpstreamReply, content: bytes, parsed: dict | None) -> Outcome:
-    status = reply.response.status_code
+    status = reply.status
     error_type = None if status < 400 else ("rate_limited" if status == 429 else "upstream_http_error")
     parsed = parsed or {}
     return Outcome(status, content.decode("utf-8", "replace"), parsed.get("usage") if status < 400 else None,

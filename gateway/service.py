@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import httpx
 import msgspec
 import orjson
 from litestar import Litestar, Request, Response
@@ -26,7 +25,7 @@ from gateway.auth import Authenticator
 from gateway.metrics import Metrics
 from gateway.paths import METADATA_KEY, PATH_HEADER, derived_path, explicit_path
 from gateway.proxy import Call, Proxy, StreamAssembler
-from gateway.upstream import Upstream, UpstreamPool
+from gateway.upstream import TRANSPORT_ERRORS, Upstream, UpstreamPool
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +65,13 @@ def _is_loopback(host: str) -> bool:
 class Gateway:
     """Everything one gateway process holds, created in the app's lifespan."""
 
-    def __init__(self, config: Config, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.metrics = Metrics(config.metrics.max_paths)
         self.keys = KeyStore(config.data_dir)
         self.auth = Authenticator(self.keys, config.gateway.dev)
         self.store = CaptureStore(config.data_dir, config.capture)
         self.proxy = Proxy(self.store, PriceBook(config.prices), self.metrics)
-        self._transport = transport
         self.pool = UpstreamPool([])
         self._background: asyncio.Task | None = None
 
@@ -83,7 +81,8 @@ class Gateway:
         applied = self.store.open()
         if applied:
             log.info("capture store migrated: %s", ", ".join(applied))
-        self.pool = UpstreamPool([Upstream(u, self.metrics, self._transport) for u in self.config.upstreams])
+        self.pool = UpstreamPool([Upstream(u, self.metrics) for u in self.config.upstreams])
+        self.pool.open()
         self._background = asyncio.create_task(self.store.run_background(self._on_compaction))
         try:
             yield
@@ -133,7 +132,7 @@ class Gateway:
                 for model in await _fetch_models(upstream, request):
                     if upstream.serves(str(model.get("id"))):
                         models.setdefault(model["id"], model)
-            except (httpx.HTTPError, UpstreamError, ValueError, KeyError) as exc:
+            except (*TRANSPORT_ERRORS, UpstreamError, ValueError, KeyError, TypeError) as exc:
                 failures.append(f"{upstream.name}: {exc}")
         if failures and not models:
             raise UpstreamError("no upstream listed its models (" + "; ".join(failures) + ")",
@@ -143,12 +142,9 @@ class Gateway:
 
 async def _fetch_models(upstream: Upstream, request: Request) -> list[dict]:
     reply = await upstream.send("GET", "/models", None, upstream.headers(request.headers))
-    try:
-        content = await reply.response.aread()
-    finally:
-        await reply.response.aclose()
-    if reply.response.status_code != 200:
-        raise UpstreamError(f"HTTP {reply.response.status_code}")
+    content = await reply.read()
+    if reply.status != 200:
+        raise UpstreamError(f"HTTP {reply.status}")
     return list(orjson.loads(content)["data"])
 
 
