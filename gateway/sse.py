@@ -37,3 +37,18 @@ def error_event(message: str, error_type: str, code: str) -> bytes:
     """An OpenAI-shaped error as an SSE event; clients raise it instead of ending cleanly."""
     body = {"error": {"message": message, "type": error_type, "param": None, "code": code}}
     return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+class ChunkAssembler:
+    """Shared part of the stream assemblers: usage, the response head, choices by index."""
+
+    HEAD_FIELDS = ("id", "created", "model", "system_fingerprint")
+
+    def __init__(self) -> None:
+        self.usage: dict | None = None
+        self._head: dict = {}
+        self._choices: dict[int, dict] = {}
+
+    def _note_head(self, chunk: dict) -> None:
+        if not self._head:
+            self._head = {k: chunk.get(k) for k in self.HEAD_FIELDS}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.chat.protocol import ChatCompletionRequest
+from gateway.sse import ChunkAssembler
 
 
 def text_of(content: str | list | None) -> str:
@@ -19,17 +20,12 @@ def template(request: ChatCompletionRequest) -> str:
     return next((text_of(m.content) for m in request.messages if m.role in ("system", "developer")), "")
 
 
-class ChatStreamAssembler:
+class ChatStreamAssembler(ChunkAssembler):
     """Rebuilds a ``chat.completion`` object from ``chat.completion.chunk`` events."""
 
-    def __init__(self) -> None:
-        self.usage: dict | None = None
-        self._head: dict = {}
-        self._choices: dict[int, dict] = {}
-
     def add(self, chunk: dict) -> bool:
-        if not self._head:
-            self._head = {k: chunk.get(k) for k in ("id", "created", "model", "system_fingerprint")}
+        """Take one chunk; True when it carried the first generated content or tool call."""
+        self._note_head(chunk)
         first_content = False
         for delta_choice in chunk.get("choices") or ():
             choice = self._choices.setdefault(delta_choice.get("index", 0), {"role": None, "content": [], "tools": {}})

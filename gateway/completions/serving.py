@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.completions.protocol import CompletionRequest
+from gateway.sse import ChunkAssembler
 
 
 def template(_: CompletionRequest) -> str:
@@ -10,17 +11,12 @@ def template(_: CompletionRequest) -> str:
     return ""
 
 
-class CompletionStreamAssembler:
+class CompletionStreamAssembler(ChunkAssembler):
     """Rebuilds a ``text_completion`` object from its streamed chunks."""
 
-    def __init__(self) -> None:
-        self.usage: dict | None = None
-        self._head: dict = {}
-        self._choices: dict[int, dict] = {}
-
     def add(self, chunk: dict) -> bool:
-        if not self._head:
-            self._head = {k: chunk.get(k) for k in ("id", "created", "model", "system_fingerprint")}
+        """Take one chunk; True when it carried the first generated text."""
+        self._note_head(chunk)
         first = False
         for c in chunk.get("choices") or ():
             choice = self._choices.setdefault(c.get("index", 0), {"text": [], "finish_reason": None})
