@@ -11,7 +11,7 @@ from gateway.chat.routes import chat_completions
 from gateway.completions.routes import completions
 from gateway.embeddings.routes import embeddings
 from gateway.errors import EXCEPTION_HANDLERS
-from gateway.models.routes import list_models
+from gateway.models.routes import list_models, retrieve_model
 from gateway.service import Gateway
 
 
@@ -31,7 +31,7 @@ def create_app(config: Config) -> Litestar:
     """The gateway app for one configuration."""
     gateway = Gateway(config)
     return Litestar(
-        route_handlers=[chat_completions, completions, embeddings, list_models, healthz, metrics],
+        route_handlers=[chat_completions, completions, embeddings, list_models, retrieve_model, healthz, metrics],
         lifespan=[gateway.lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.gateway.max_body_bytes,

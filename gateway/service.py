@@ -140,6 +140,18 @@ class Gateway:
         return Response({"object": "list", "data": list(models.values())})
 
 
+    async def retrieve_model(self, request: Request, model: str) -> Response:
+        """``GET /v1/models/{model}`` from the upstream that serves it, status and body relayed."""
+        self.auth.authenticate(request.headers.get("authorization"))
+        upstream = self._upstream_for(model)
+        reply = await upstream.send("GET", f"/models/{model}", None, upstream.headers(request.headers))
+        try:
+            content = await reply.read()
+        except TRANSPORT_ERRORS as exc:
+            raise UpstreamError(f"upstream {upstream.name!r} broke off its answer", code="upstream_broken") from exc
+        return Response(content, status_code=reply.status, media_type=reply.headers.get("content-type"))
+
+
 async def _fetch_models(upstream: Upstream, request: Request) -> list[dict]:
     reply = await upstream.send("GET", "/models", None, upstream.headers(request.headers))
     content = await reply.read()

@@ -83,6 +83,7 @@ def test_completions_embeddings_and_models(gw):
     assert client.completions.create(model="gpt-4o-mini", prompt=CARD).choices[0].text == '{"intent": "card_arrival"}'
     assert len(client.embeddings.create(model="text-embedding-3-small", input=["a", "b"]).data) == 2
     assert "gpt-4o-mini" in {m.id for m in client.models.list()}
+    assert client.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
 
 
 def test_path_from_header_metadata_or_system_prompt(gw):

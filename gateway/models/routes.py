@@ -9,3 +9,9 @@ from litestar import Request, Response, get
 async def list_models(request: Request) -> Response:
     """List the models the configured upstreams serve."""
     return await request.app.state.gateway.list_models(request)
+
+
+@get("/v1/models/{model:path}")
+async def retrieve_model(request: Request, model: str) -> Response:
+    """Describe one model, as the upstream that serves it does."""
+    return await request.app.state.gateway.retrieve_model(request, model.lstrip("/"))
