@@ -127,6 +127,7 @@ class TargetResult:
     sample_response: dict
     captured_rows: int | None = None
     sent_requests: int = 0
+    code_version: str = ""
 
     def median(self, runs: list[WrkRun], key: str) -> float:
         return statistics.median(run.latency_us[key] for run in runs)
@@ -421,8 +422,14 @@ def build_targets(settings: Settings, run_dir: Path) -> dict[str, Target]:
     }  # fmt: skip
 
 
+def code_version() -> str:
+    """The commit the tree is at, `-dirty` when tracked files differ from it (others edit it live)."""
+    return command_output(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"])
+
+
 def run_target(target: Target, settings: Settings, run_dir: Path) -> TargetResult:
-    log(f"== {target.name}: {target.label}")
+    version = code_version()
+    log(f"== {target.name}: {target.label} (tree at {version})")
     with ExitStack() as stack:
         service = None
         if target.command:
@@ -435,6 +442,7 @@ def run_target(target: Target, settings: Settings, run_dir: Path) -> TargetResul
                 result.sent_requests += profile(target, settings, service, run_dir, connections)
     if target.name == "arbitrage":
         result.captured_rows = captured_rows(run_dir / "arbitrage-data")
+    result.code_version = version
     return result
 
 
@@ -480,9 +488,10 @@ def markdown_table(results: list[TargetResult], settings: Settings) -> str:
             else ("-", "-")
         )
         ratio = f"{result.requests_per_s / litellm.requests_per_s:.1f}x" if litellm else "-"
+        label = f"{result.label} @ {result.code_version}" if result.name == "arbitrage" else result.label
         cpu = f"{100 * result.proxy_cpu:.0f}%" if result.proxy_cpu is not None else "-"
         rows.append(
-            f"| {result.label} | {ms(result.p50_ms)} | {ms(result.p99_ms)} | {added[0]} | {added[1]} "
+            f"| {label} | {ms(result.p50_ms)} | {ms(result.p99_ms)} | {added[0]} | {added[1]} "
             f"| {result.requests_per_s:,.0f} | {cpu} | {ratio} |"
         )
     awake = "kept awake by SCHED_IDLE busy loops" if settings.keep_cores_awake else "left to idle (halt) as usual"
@@ -532,18 +541,19 @@ def machine_facts() -> dict[str, str]:
         "litellm": command_output(
             [str(litellm_python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"]
         ),
-        "git_commit": command_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "git_commit": code_version(),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
-def write_results(results: list[TargetResult], settings: Settings, run_dir: Path, command: str) -> str:
-    facts = machine_facts()
+def write_results(
+    results: list[TargetResult], settings: Settings, run_dir: Path, command: str, facts: dict[str, str]
+) -> str:
     table = markdown_table(results, settings)
     header = (
         f"Command: `{command}`\n\nMachine: {facts['nproc']} cores ({facts['cpu_model']}), "
         f"{facts['memory']} memory, Python {facts['python']}, {facts['wrk']}, LiteLLM {facts['litellm']}, "
-        f"commit {facts['git_commit']}, {facts['date_utc']}\n\n"
+        f"tree at {facts['git_commit']} when started, {facts['date_utc']}\n\n"
     )
     (run_dir / "results.md").write_text(header + table)
     raw = {
@@ -607,9 +617,10 @@ def main() -> None:
         sys.exit("wrk not found: apt-get install -y wrk")
     run_dir = settings.out_dir / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir.mkdir(parents=True)
+    facts = machine_facts()
     results = run_all(settings, run_dir)
-    command = " ".join(["python", os.path.relpath(__file__, ROOT), *sys.argv[1:]])
-    print(write_results(results, settings, run_dir, command))
+    command = " ".join([".venv/bin/python", os.path.relpath(__file__, ROOT), *sys.argv[1:]])
+    print(write_results(results, settings, run_dir, command, facts))
     log(f"results, logs and raw runs in {run_dir}")
 
 
