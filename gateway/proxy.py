@@ -11,6 +11,7 @@ disconnects cancels the upstream call, and the record says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -136,21 +137,14 @@ class Proxy:
     async def _relay(self, call: Call, upstream: Upstream, reply: UpstreamReply,
                      assembler: StreamAssembler) -> AsyncIterator[bytes]:
         outcome = Outcome(200, attempts=reply.attempts, error_type="stream_cut_off")
-        splitter = EventSplitter()
         try:
-            async for data in reply.chunks():
-                for event in splitter.feed(data):
+            async with contextlib.aclosing(_upstream_events(reply)) as events:
+                async for event in events:
                     out = self._relay_event(call, upstream, event, assembler, outcome)
                     if out is not None:
                         yield out
-                    if outcome.error_type is None:
+                    if outcome.error_type is None:  # [DONE] arrived and the call is recorded
                         return
-            for event in splitter.flush():
-                out = self._relay_event(call, upstream, event, assembler, outcome)
-                if out is not None:
-                    yield out
-                if outcome.error_type is None:
-                    return
         except asyncio.TimeoutError:
             outcome.error_type = "upstream_timeout"
         except TRANSPORT_ERRORS:
@@ -262,6 +256,16 @@ class Proxy:
             if value is not None:
                 headers[name] = value
         return headers
+
+
+async def _upstream_events(reply: UpstreamReply) -> AsyncIterator[bytes]:
+    """Whole SSE events from the upstream body, as they complete."""
+    splitter = EventSplitter()
+    async for data in reply.chunks():
+        for event in splitter.feed(data):
+            yield event
+    for event in splitter.flush():
+        yield event
 
 
 ERROR_LABELS = frozenset({"stream_cut_off", "upstream_timeout", "client_disconnected", "upstream_stream_error",

@@ -12,6 +12,6 @@ async def list_models(request: Request) -> Response:
 
 
 @get("/v1/models/{model:path}")
-async def retrieve_model(request: Request, model: str) -> Response:
+async def retrieve_model(request: Request) -> Response:
     """Describe one model, as the upstream that serves it does."""
-    return await request.app.state.gateway.retrieve_model(request, model.lstrip("/"))
+    return await request.app.state.gateway.retrieve_model(request, str(request.path_params["model"]).lstrip("/"))
