@@ -7,6 +7,7 @@ normalized system prompt), so one prompt template maps to one path.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -34,6 +35,7 @@ def explicit_path(header: str | None, metadata: object) -> str | None:
     return name
 
 
+@functools.lru_cache(maxsize=4096)  # an app sends the same few templates over and over
 def derived_path(endpoint: str, model: str, template: str) -> str:
     """A stable name for (endpoint, model, normalized template text)."""
     normalized = _SPACE.sub(" ", template).strip()
