@@ -16,9 +16,9 @@ BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "I am s
 
 @pytest.fixture(scope="module")
 def slow_sim(tmp_path_factory):
-    """A simulator streaming one chunk every 100 ms, so a client can leave mid-answer."""
+    """A simulator streaming one chunk every 200 ms (a whole answer takes about 2 s)."""
     process = simulator(tmp_path_factory.mktemp("slow-sim"), "--latency-ms", "1", "--latency-sigma", "0",
-                        "--token-ms", "100").start()
+                        "--token-ms", "200").start()
     yield process
     process.stop()
 
@@ -80,7 +80,7 @@ def test_client_disconnect_cancels_and_is_recorded(tmp_path, slow_sim):
     finally:
         gw.process.stop()
     assert record["error_type"] == "client_disconnected" and record["status_code"] == 499
-    assert record["latency_ms"] < 600  # the full answer takes over a second: the relay stopped early
+    assert record["latency_ms"] < 1000  # the whole answer takes about 2 s: the relay stopped early
 
 
 def wait_for_record(gw: Gateway, request_id: str, timeout: float = 10) -> dict:
