@@ -561,7 +561,8 @@ def write_results(
         "settings": {**asdict(settings), "out_dir": str(settings.out_dir)},
         "machine": facts,
         "results": [
-            {**asdict(result), "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "requests_per_s": result.requests_per_s}
+            {**asdict(result), "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
+             "requests_per_s": result.requests_per_s}
             for result in results
         ],
     }
