@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -327,3 +329,18 @@ def test_open_connection_sees_records_written_after_it_connected(tmp_path):
         store.append("calls", record(name))
     store.compact()
     assert con.execute("SELECT request_id FROM calls ORDER BY 1").fetchall() == [("a",), ("b",), ("c",)]
+
+
+async def test_background_compaction_runs_in_a_child_process(tmp_path):
+    store = CaptureStore(tmp_path, CaptureSettings(fsync="never", segment_max_records=1, compact_interval_s=0.1))
+    store.open()
+    passes = []
+    for name in ("a", "b"):
+        store.append("calls", record(name))
+    task = asyncio.create_task(store.run_background(lambda result, backlog: passes.append(result)))
+    async with asyncio.timeout(30):
+        while not any(p.records for p in passes):
+            await asyncio.sleep(0.1)
+    task.cancel()
+    store.close()
+    assert sum(p.records for p in passes) == 2 and len(files(tmp_path, "*.parquet")) == 2

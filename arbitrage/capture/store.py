@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import duckdb
@@ -35,6 +37,7 @@ class CaptureStore:
         self.settings = settings or CaptureSettings()
         self.journals: dict[str, Journal] = {}
         self.schemas = {t: migrations.table_schema(t) for t in migrations.tables()}
+        self._pool: ProcessPoolExecutor | None = None
 
     def open(self) -> list[str]:
         """Migrate the store, compact what earlier processes left, start journals."""
@@ -53,14 +56,8 @@ class CaptureStore:
         self.journals[table].append(record)
 
     def compact(self) -> CompactionResult:
-        """Compact every sealed segment of every table now."""
-        total = CompactionResult()
-        for table, schema in self.schemas.items():
-            result = compact(self.data_dir / table, schema)
-            total.segments += result.segments
-            total.records += result.records
-            total.bad_lines += result.bad_lines
-        return total
+        """Compact every sealed segment of every table now, in this process."""
+        return compact_store(self.data_dir, self.schemas)
 
     def backlog(self) -> tuple[int, int]:
         """(segments, bytes) written to journals and not yet compacted, all writers."""
@@ -68,27 +65,55 @@ class CaptureStore:
         return len(files), sum(_size(f) for f in files)
 
     async def run_background(self, on_pass=None) -> None:
-        """Flush, seal and compact forever (cancel to stop)."""
+        """Flush, seal and compact forever (cancel to stop).
+
+        Compaction runs in a child process: in a thread it held the GIL for about half a
+        second per segment and raised the gateway's p99 latency (bench/RESULTS.md).
+        """
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(self.settings.compact_interval_s, 1.0))
             try:
-                result = await asyncio.to_thread(self._upkeep)
+                await asyncio.to_thread(self._tick)
+                result = await loop.run_in_executor(self._compactor(), compact_store, self.data_dir, self.schemas)
             except Exception:  # keep capturing even if one pass fails; the journal keeps the data
                 log.exception("capture compaction failed; will retry")
+                self._close_compactor()
                 continue
             if on_pass:
                 on_pass(result, self.backlog())
 
-    def _upkeep(self) -> CompactionResult:
+    def _tick(self) -> None:
         for journal in self.journals.values():
             journal.tick()
-        return self.compact()
+
+    def _compactor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def _close_compactor(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def close(self) -> None:
         """Seal the journals and compact them."""
+        self._close_compactor()
         for journal in self.journals.values():
             journal.close()
         self.compact()
+
+
+def compact_store(data_dir: Path, schemas: dict[str, pa.Schema]) -> CompactionResult:
+    """Compact every sealed segment of every table (a plain function, so a child process can run it)."""
+    total = CompactionResult()
+    for table, schema in schemas.items():
+        result = compact(data_dir / table, schema)
+        total.segments += result.segments
+        total.records += result.records
+        total.bad_lines += result.bad_lines
+    return total
 
 
 def _size(path: Path) -> int:
