@@ -1,0 +1,125 @@
+"""``arbitrage distill build PATH``: a versioned training set from a path's captured calls."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import click
+from click.core import ParameterSource
+
+from arbitrage.errors import ArbitrageError
+from distill.dataset.config import EXPORT_FORMATS, BuildConfig
+from distill.dataset.teacher import Progress
+
+INTERRUPTED_EXIT = 130
+
+
+def _option(*decls: str, field: str, **kwargs):
+    """An option whose help text and default come from BuildConfig's field."""
+    default = BuildConfig.default_for(field)
+    return click.option(*decls, help=BuildConfig.help_for(field), default=default,
+                        show_default=default not in (None, False, ()), **kwargs)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def distill() -> None:
+    """Distillation: turn a call path's captured traffic into a model you own."""
+
+
+@distill.command("build")
+@click.argument("path")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML config file: data directory, upstreams (the teacher's) and prices.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Capture store to read [default: ./arbitrage-data, or the config's].")
+@_option("--datasets-dir", field="datasets_dir", type=click.Path(file_okay=False))
+@_option("--relabel", field="relabel", is_flag=True)
+@_option("--teacher-model", field="teacher_model")
+@_option("--system-prompt-file", field="system_prompt_file", type=click.Path(dir_okay=False))
+@_option("--budget-usd", field="budget_usd", type=float)
+@_option("--concurrency", field="concurrency", type=int)
+@_option("--max-tokens", field="max_tokens", type=int)
+@_option("--temperature", field="temperature", type=float)
+@_option("--answer-format", field="answer_format", type=click.Choice(["json", "text"]))
+@_option("--json-schema", "json_schema_file", field="json_schema_file", type=click.Path(dir_okay=False))
+@_option("--near-duplicate-threshold", field="near_duplicate_threshold", type=float)
+@_option("--eval-fraction", field="eval_fraction", type=float)
+@_option("--seed", field="seed", type=int)
+@_option("--max-examples", field="max_examples", type=int)
+@_option("--export", field="export", type=click.Choice(EXPORT_FORMATS), multiple=True)
+def build(config_path, data_dir, **options) -> None:
+    """Build the next version of PATH's training set: DATA_DIR/datasets/PATH/vN/ with train and
+    eval Parquet and a manifest. Its folder is printed on stdout."""
+    from arbitrage.config import load_config
+    from distill.dataset.build import build as build_dataset
+
+    command = command_line(click.get_current_context())
+    try:
+        config = load_config(config_path, data_dir=data_dir)
+        cfg = BuildConfig(data_dir=str(config.data_dir), **options)
+        result = build_dataset(cfg, config, command, progress_bar)
+    except ArbitrageError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: no dataset was written; teacher answers received so far are cached, so "
+                   "re-running the same command resumes without paying for them again", err=True)
+        sys.exit(INTERRUPTED_EXIT)
+    report(result.manifest, result.folder)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, budget_usd: float) -> Iterator[Progress]:
+    """A progress bar on stderr with the dollars spent against the budget."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    columns = (TextColumn("relabelling"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("${task.fields[spent]:.6f} of ${task.fields[budget]:g}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Bar(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("relabel", total=total, spent=0.0, budget=budget_usd)
+        yield lambda done, spent: bar.update(task, completed=done, spent=spent)
+
+
+def report(manifest: dict, folder) -> None:
+    """Summary on stderr, the dataset's folder on stdout."""
+    split, teacher = manifest["split"], manifest["teacher"]
+    click.echo(f"dataset {manifest['path']} {manifest['version']}: {split['train']} train, {split['eval']} eval",
+               err=True)
+    click.echo("filters: " + ", ".join(f"{name} {n}" for name, n in manifest["filters"].items()), err=True)
+    if teacher:
+        report_teacher(teacher, manifest["dollars"], manifest["filters"])
+    click.echo(str(folder))
+
+
+def report_teacher(teacher: dict, dollars: dict, counts: dict) -> None:
+    spent, cached = dollars["spent_this_run_usd"], dollars["cached_usd"]
+    click.echo(f"teacher {teacher['model']}: {teacher['answers_paid']} answers paid (${spent:.6f}), "
+               f"{teacher['answers_cached']} from the cache (${cached:.6f}, paid before)", err=True)
+    if teacher["stopped_by_budget"]:
+        click.echo(f"budget reached: ${spent:.6f} of ${dollars['budget_usd']:g} spent; "
+                   f"{counts['not_relabelled_budget']} inputs were not relabelled and are not in this dataset: "
+                   f"re-run with a larger --budget-usd to add them (cached answers are not paid again)", err=True)
+
+
+def command_line(ctx: click.Context) -> list[str]:
+    """The command as given (arguments, then the options set on the command line)."""
+    words = ctx.command_path.split()
+    given = [p for p in ctx.command.params if ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]
+    for param in sorted(given, key=lambda p: not isinstance(p, click.Argument)):
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):
+            words.append(param.opts[0])
+        else:
+            for item in value if getattr(param, "multiple", False) else (value,):
+                words += [param.opts[0], str(item)]
+    return words
+
+
+if __name__ == "__main__":
+    distill()

@@ -1,0 +1,242 @@
+"""Relabelling: the captured inputs replayed through a teacher model, under a hard budget.
+
+The teacher is any model an upstream of the gateway config serves (the first upstream whose
+``models`` patterns match), called with the official ``openai`` client, whose own retries with
+exponential backoff (``Retry-After`` honoured) cover 429, 5xx and connection errors
+(``max_retries`` and ``timeout_s`` from that upstream's settings).
+
+The budget is hard: before a call starts, an upper bound of its cost is reserved (every prompt
+byte as a token at the uncached input price, plus ``max_tokens`` at the output price); a call
+starts only if what is spent plus what is reserved plus its own bound fits. When the next call
+cannot fit even with nothing in flight, relabelling stops and says so.
+
+Every answer goes to the content-addressed ``AnswerCache`` the moment it arrives; answers found
+there are used without a call and cost nothing in this run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections import deque
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Callable
+
+import openai
+
+from arbitrage.config import Config, UpstreamSettings
+from arbitrage.errors import ConfigError, UpstreamError
+from arbitrage.pricing import PriceBook
+from distill.dataset.cache import AnswerCache, answer_key
+from distill.dataset.source import Example
+
+TOKENS_PER_MESSAGE_BOUND = 8
+"""Framing tokens per chat message, generously (OpenAI's format adds 3-4)."""
+
+Progress = Callable[[int, float], None]
+"""Called with (inputs answered so far, dollars spent in this run)."""
+
+
+def find_upstream(config: Config, model: str) -> UpstreamSettings:
+    """The upstream that serves ``model``: the first whose patterns match, as in the gateway."""
+    for upstream in config.upstreams:
+        if any(fnmatch.fnmatchcase(model, pattern) for pattern in upstream.models):
+            return upstream
+    served = "; ".join(f"{u.name}: {', '.join(u.models)}" for u in config.upstreams)
+    raise ConfigError(f"no upstream in the config serves teacher model {model!r} (upstreams: {served})")
+
+
+class Budget:
+    """Dollars spent and reserved for calls in flight, never over the limit."""
+
+    def __init__(self, limit_usd: float) -> None:
+        self.limit, self.spent, self.reserved = limit_usd, 0.0, 0.0
+
+    def reserve(self, amount: float) -> bool:
+        """Reserve ``amount`` for a call if it fits; False (nothing reserved) if it does not."""
+        if self.spent + self.reserved + amount > self.limit:
+            return False
+        self.reserved += amount
+        return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        """A call ended: release its reservation and count what it cost."""
+        self.reserved -= reserved
+        self.spent += actual
+
+
+@dataclass
+class RelabelResult:
+    """The teacher's answers to the inputs, and what they cost."""
+
+    examples: list[Example] = field(default_factory=list)
+    """Relabelled examples, in input order (rejected and unasked inputs left out)."""
+    paid: int = 0
+    cached: int = 0
+    cached_usd: float = 0.0
+    spent_usd: float = 0.0
+    rejected: int = 0
+    first_rejection: str | None = None
+    not_relabelled: int = 0
+    """Inputs left unasked because the budget was reached."""
+    stopped_by_budget: bool = False
+    next_call_bound_usd: float | None = None
+    """When stopped by the budget: the most the next call could have cost."""
+
+
+class Teacher:
+    """Asks one teacher model, through one upstream, with a strict system prompt."""
+
+    def __init__(self, upstream: UpstreamSettings, model: str, system_prompt: str, params: dict[str, Any],
+                 prices: PriceBook) -> None:
+        self.upstream, self.model, self.system_prompt, self.params = upstream, model, system_prompt, params
+        self.prices = prices
+        if self._price(model, 1, 0, 1) is None:
+            raise ConfigError(f"no price is known for teacher model {model!r}, so the budget cannot be kept: "
+                              f"add [prices.\"{model}\"] to the config")
+
+    def key(self, example: Example) -> str:
+        return answer_key(self.model, self.system_prompt, list(example.input_messages), self.params)
+
+    def cost_bound(self, example: Example) -> float:
+        """The most one call for this example can cost."""
+        texts = [self.system_prompt, *(m["content"] for m in example.input_messages)]
+        prompt = sum(len(t.encode()) + TOKENS_PER_MESSAGE_BOUND for t in texts) + TOKENS_PER_MESSAGE_BOUND
+        return self._price(self.model, prompt, 0, self.params["max_completion_tokens"])
+
+    async def relabel(self, examples: list[Example], cache: AnswerCache, budget: Budget, concurrency: int,
+                      progress: Progress | None = None) -> RelabelResult:
+        """Answers for every example, from the cache or the teacher, until done or the budget is reached."""
+        run = _Run(self, cache, budget, concurrency, progress or (lambda done, spent: None))
+        return await run.all(examples)
+
+    async def ask(self, client: openai.AsyncOpenAI, example: Example, key: str, reserved: float) -> dict[str, Any]:
+        """One teacher call, as a cache entry."""
+        messages = [{"role": "system", "content": self.system_prompt}, *example.input_messages]
+        response = await client.chat.completions.create(model=self.model, messages=messages, **self.params)
+        message = response.choices[0].message if response.choices else None
+        usage = response.usage
+        prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        details = usage.prompt_tokens_details if usage else None
+        cached = (details.cached_tokens or 0) if details else 0
+        cost = self._price(response.model or self.model, prompt, cached, completion) if usage else None
+        return {
+            "key": key, "model": self.model, "response_model": response.model,
+            "content": message.content if message else None, "refusal": message.refusal if message else None,
+            "finish_reason": response.choices[0].finish_reason if response.choices else None,
+            "usage": {"prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion},
+            "cost_usd": reserved if cost is None else cost, "cost_estimated": cost is None,
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+
+    def client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.upstream.base_url, api_key=self.upstream.api_key() or "none",
+                                  max_retries=self.upstream.max_retries, timeout=self.upstream.timeout_s)
+
+    def failure(self, exc: Exception) -> UpstreamError:
+        """A one-line error for a call that failed after the client's retries."""
+        where = f"teacher {self.model!r} at upstream {self.upstream.name!r} ({self.upstream.base_url})"
+        if isinstance(exc, openai.APIStatusError):
+            hint = (f" (is ${self.upstream.api_key_env} set?)"
+                    if exc.status_code in (401, 403) and self.upstream.api_key_env else "")
+            return UpstreamError(f"{where} answered {exc.status_code}: {_message(exc)}{hint}")
+        return UpstreamError(f"{where} failed after {self.upstream.max_retries} retries: {exc}")
+
+    def _price(self, model: str, prompt: int, cached: int, completion: int) -> float | None:
+        found = self.prices.price(model, prompt, cached, completion, self.upstream.provider, self.upstream.base_url)
+        if found is None and model != self.model:
+            return self._price(self.model, prompt, cached, completion)
+        return found
+
+
+class _Run:
+    """One relabelling pass: bounded concurrency, budget reservations, durable answers."""
+
+    def __init__(self, teacher: Teacher, cache: AnswerCache, budget: Budget, concurrency: int,
+                 progress: Progress) -> None:
+        self.teacher, self.cache, self.budget, self.concurrency = teacher, cache, budget, concurrency
+        self.progress, self.result, self.answers = progress, RelabelResult(), {}
+
+    async def all(self, examples: list[Example]) -> RelabelResult:
+        todo = deque()
+        for index, example in enumerate(examples):
+            key = self.teacher.key(example)
+            if (entry := self.cache.get(key)) is not None:
+                self._answered(index, entry, paid=False)
+            else:
+                todo.append((index, example, key))
+        self.progress(len(self.answers), 0.0)
+        if todo:
+            async with self.teacher.client() as client:
+                await self._ask_all(client, todo)
+        self.result.not_relabelled = len(todo)
+        self.result.examples = [_relabelled(examples[i], self.answers[i]) for i in sorted(self.answers)]
+        return self.result
+
+    async def _ask_all(self, client: openai.AsyncOpenAI, todo: deque) -> None:
+        """Start calls in order while they fit the budget and the concurrency; stop at the first failure."""
+        running: set[asyncio.Task] = set()
+        failure: BaseException | None = None
+        while todo and failure is None:
+            index, example, key = todo[0]
+            bound = self.teacher.cost_bound(example)
+            if len(running) < self.concurrency and self.budget.reserve(bound):
+                todo.popleft()
+                running.add(asyncio.create_task(self._one(client, index, example, key, bound)))
+            elif running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                failure = _first_exception(done)
+            else:  # the next call could not fit even with nothing in flight
+                self.result.stopped_by_budget, self.result.next_call_bound_usd = True, bound
+                break
+        if running:  # let calls in flight finish: they are paid for, so their answers are kept
+            done, _ = await asyncio.wait(running)
+            failure = failure or _first_exception(done)
+        if failure is not None:
+            raise self.teacher.failure(failure) from failure
+
+    async def _one(self, client: openai.AsyncOpenAI, index: int, example: Example, key: str, bound: float) -> None:
+        try:
+            entry = await self.teacher.ask(client, example, key, bound)
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+            self.budget.settle(bound, 0.0)
+            self.result.rejected += 1
+            self.result.first_rejection = self.result.first_rejection or _message(exc)
+            return
+        except BaseException:
+            self.budget.settle(bound, 0.0)
+            raise
+        self.budget.settle(bound, entry["cost_usd"])
+        self.cache.put(entry)
+        self._answered(index, entry, paid=True)
+        self.progress(len(self.answers), self.budget.spent)
+
+    def _answered(self, index: int, entry: dict[str, Any], paid: bool) -> None:
+        self.answers[index] = entry
+        if paid:
+            self.result.paid += 1
+            self.result.spent_usd += entry["cost_usd"]
+        else:
+            self.result.cached += 1
+            self.result.cached_usd += entry["cost_usd"]
+
+
+def _first_exception(tasks: set[asyncio.Task]) -> BaseException | None:
+    """The first failure among finished tasks (every one is retrieved, so none is logged as lost)."""
+    failures = [t.exception() for t in tasks if not t.cancelled()]
+    return next((f for f in failures if f is not None), None)
+
+
+def _relabelled(example: Example, entry: dict[str, Any]) -> Example:
+    refusal = entry.get("refusal")
+    answer = entry["content"] if entry.get("content") is not None else (refusal or "")
+    return replace(example, answer=answer, refused=bool(refusal), answer_model=entry.get("response_model"),
+                   cost_usd=entry["cost_usd"], source="relabel", answer_key=entry["key"])
+
+
+def _message(exc: Exception) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return body["message"]
+    return str(exc)
