@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -10,28 +9,10 @@ from pathlib import Path
 
 import click
 
+from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, friendly_errors
 from arbitrage.config import load_config
-from arbitrage.errors import ArbitrageError
+from distill.paths_command import paths
 from simulator.cli import sim
-
-CONFIG_OPTION = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                             help="TOML config file (unknown keys are an error).")
-DATA_DIR_OPTION = click.option("--data-dir", type=click.Path(file_okay=False),
-                               help="Data directory [default: ./arbitrage-data, or the config's].")
-
-
-def friendly_errors(func):
-    """Turn arbitrage's own errors into a one-line message and exit status 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except ArbitrageError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
@@ -147,6 +128,7 @@ def _terminal_width() -> int:
 
 
 main.add_command(sim)
+main.add_command(paths)
 
 
 @main.command()

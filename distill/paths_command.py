@@ -1,10 +1,4 @@
-"""``arbitrage paths``: call paths ranked by spend, and which ones look worth distilling.
-
-This module does not import ``arbitrage.cli`` (which registers this command): ``python -m
-arbitrage.cli`` runs the CLI as ``__main__``, so an import back into ``arbitrage.cli`` would load
-it a second time and meet this module half-initialized. The ``--config`` and ``--data-dir``
-options are therefore declared here, with the same meaning as in the other commands.
-"""
+"""``arbitrage paths``: call paths ranked by spend, and which ones look worth distilling."""
 
 from __future__ import annotations
 
@@ -14,8 +8,8 @@ from datetime import UTC, datetime
 
 import click
 
+from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, friendly_errors
 from arbitrage.config import load_config
-from arbitrage.errors import ArbitrageError
 from distill.analytics import PathStats, parse_since
 
 
@@ -36,24 +30,20 @@ class Since(click.ParamType):
 @click.command()
 @click.option("--since", type=Since(), default="30d", show_default=True,
               help="Window start: a duration back from now (30m for minutes, 24h, 7d, 2w) or an ISO date (UTC).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML config file (unknown keys are an error).")
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Data directory [default: ./arbitrage-data, or the config's].")
+@CONFIG_OPTION
+@DATA_DIR_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the window and one object per path.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Paths shown, by spend.")
+@friendly_errors
 def paths(since, config_path, data_dir, as_json, limit) -> None:
     """Call paths ranked by spend since a time, with a distillability verdict for each."""
     from arbitrage.capture.store import connect
     from distill.analytics import path_stats, total_calls
 
-    try:
-        store = load_config(config_path, data_dir=data_dir).data_dir
-        con = connect(store)
-        stats = path_stats(con, since, limit)
-        total = 0 if stats else total_calls(con)
-    except ArbitrageError as exc:
-        raise click.ClickException(str(exc)) from None
+    store = load_config(config_path, data_dir=data_dir).data_dir
+    con = connect(store)
+    stats = path_stats(con, since, limit)
+    total = 0 if stats else total_calls(con)
     if as_json:
         body = {"since": since.isoformat(), "paths": [dataclasses.asdict(s) for s in stats]}
         click.echo(json.dumps(body, indent=2, default=datetime.isoformat))

@@ -57,7 +57,7 @@ def test_sql_prints_a_table(gw):
     assert result.exit_code == 0 and "calls_so_far" in result.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["sql"], ["sim"], ["keys"], ["keys", "create"],
+@pytest.mark.parametrize("command", [[], ["serve"], ["sql"], ["sim"], ["paths"], ["demo"], ["keys"], ["keys", "create"],
                                      ["keys", "list"], ["keys", "revoke"]])
 def test_every_command_has_help(command):
     result = run(*command, "--help")
