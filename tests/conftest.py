@@ -11,6 +11,7 @@ import pytest
 
 from tests.processes import ServerProcess, arbitrage, gateway, simulator
 
+UPSTREAM_KEY = "sk-upstream-secret-that-must-never-leak"
 GATEWAY_CONFIG = """
 [gateway]
 max_body_bytes = 65536
@@ -79,6 +80,6 @@ def gw(sim, tmp_path_factory) -> Gateway:
     key = arbitrage("keys", "create", "tests", "--data-dir", str(data_dir)).stdout.strip()
     config = tmp / "arbitrage.toml"
     config.write_text(GATEWAY_CONFIG.format(sim=sim.url))
-    process = gateway(tmp, data_dir, config=config).start()
+    process = gateway(tmp, data_dir, config=config, env={"OPENAI_API_KEY": UPSTREAM_KEY}).start()
     yield Gateway(process, data_dir, key)
     process.stop()

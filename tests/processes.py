@@ -68,12 +68,13 @@ def simulator(tmp: Path, *extra: str) -> ServerProcess:
     return ServerProcess(args, port, tmp / f"sim-{port}.log", health="/v1/models")
 
 
-def gateway(tmp: Path, data_dir: Path, *extra: str, config: Path | None = None) -> ServerProcess:
+def gateway(tmp: Path, data_dir: Path, *extra: str, config: Path | None = None,
+            env: dict | None = None) -> ServerProcess:
     port = free_port()
     args = ARBITRAGE + ["serve", "--port", str(port), "--data-dir", str(data_dir), *extra]
     if config:
         args += ["--config", str(config)]
-    return ServerProcess(args, port, tmp / f"gateway-{port}.log")
+    return ServerProcess(args, port, tmp / f"gateway-{port}.log", env=env)
 
 
 def arbitrage(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -177,39 +177,41 @@ def test_teacher_that_keeps_failing_stops_with_a_clear_error(run, teacher_files,
     assert "Traceback" not in result.output and not (tmp_path / "datasets" / PATH / "v1").exists()
 
 
-def call_record(n: int, text: str, answer: str | None, refusal: str | None = None, **request) -> dict:
+def call_record(n: int, text: str, message: dict, finish: str = "stop", **request) -> dict:
     body = {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": APP_PROMPT},
                                                  {"role": "user", "content": text}], **request}
-    reply = {"model": "gpt-4o-mini", "choices": [{"index": 0, "finish_reason": "stop", "message": {
-        "role": "assistant", "content": answer, "refusal": refusal}}]}
+    reply = {"model": "gpt-4o-mini", "choices": [{"index": 0, "finish_reason": finish, "message": {
+        "role": "assistant", "content": None, **message}}]}
     return {"request_id": f"r{n}", "ts": datetime.now(UTC), "path": "crafted", "endpoint": "chat.completions",
             "status_code": 200, "served_by": "upstream", "cost_usd": 0.0001, "request": json.dumps(body),
             "response": json.dumps(reply)}
 
 
+CARD = {"content": '{"intent": "card_arrival"}'}
 CRAFTED = [
-    ("I am still waiting on my card?", '{"intent": "card_arrival"}', None, {}),
-    ("  i am STILL waiting on my card? ", '{"intent": "card_arrival"}', None, {}),  # exact duplicate
-    ("Is there a reason my new card hasn't arrived?", '{"intent": "card_arrival"}', None, {}),
-    ("Is there a reason my new card hasn't arrived yet?", '{"intent": "card_arrival"}', None, {}),  # near
-    ("How do I top up my account?", "top_up_by_card", None, {}),  # not JSON
-    ("Tell me how to rob a bank.", "I'm sorry, but I can't help with that.", None, {}),  # refusal
-    ("Tell me how to forge a cheque.", None, "I can't help with that.", {}),  # refusal field
-    ("What is my balance?", '{"intent": "balance"}', None, {"tools": [{"type": "function"}]}),  # unsupported
-    ("Why was my transfer declined?", '{"intent": "declined_transfer"}', None, {}),
+    ("I am still waiting on my card?", CARD, {}),
+    ("  i am STILL waiting on my card? ", CARD, {}),  # exact duplicate
+    ("Is there a reason my new card hasn't arrived?", CARD, {}),
+    ("Is there a reason my new card hasn't arrived yet?", CARD, {}),  # near duplicate
+    ("How do I top up my account?", {"content": "top_up_by_card"}, {}),  # not JSON
+    ("Tell me how to rob a bank.", {"content": "I'm sorry, but I can't help with that."}, {}),  # refusal
+    ("Tell me how to forge a cheque.", {"refusal": "I can't help with that."}, {}),  # refusal field
+    ("What is my balance?", {"content": '{"intent": "balance"}'}, {"tools": [{"type": "function"}]}),  # unsupported
+    ("Why was my card declined?", {"content": '{"intent": "card_'}, {"finish": "length"}),  # truncated
+    ("Why was my transfer declined?", {"content": '{"intent": "declined_transfer"}'}, {}),
 ]
 
 
 def test_filters_on_a_crafted_capture(run, tmp_path):
     store = CaptureStore(tmp_path / "crafted")
     store.open()
-    for n, (text, answer, refusal, request) in enumerate(CRAFTED):
-        store.append("calls", call_record(n, text, answer, refusal, **request))
+    for n, (text, message, request) in enumerate(CRAFTED):
+        store.append("calls", call_record(n, text, message, **request))
     store.close()
     manifest, train, held_out = built(run(data_dir=tmp_path / "crafted", path="crafted"))
     assert {k: v for k, v in manifest["filters"].items() if v} == {
-        "captured_calls": 9, "unsupported": 1, "exact_duplicate": 1, "near_duplicate": 1, "invalid_json": 1,
-        "refusal": 2, "kept": 3}
+        "captured_calls": 10, "unsupported": 1, "exact_duplicate": 1, "near_duplicate": 1, "invalid_json": 1,
+        "refusal": 2, "truncated": 1, "kept": 3}
 
 
 RELABEL = ["--relabel", "--teacher-model", "gpt-4o-mini", "--system-prompt-file", "{prompt}", "--budget-usd", "1"]

@@ -8,6 +8,8 @@ import httpx
 import openai
 import pytest
 
+from tests.conftest import UPSTREAM_KEY
+
 CARD = "I am still waiting on my card?"  # a Banking77 training text labelled card_arrival
 SYSTEM = "Classify the banking query into one of 77 intents. Answer JSON."
 
@@ -159,9 +161,13 @@ def test_metrics_count_requests_tokens_and_dollars(gw):
     assert "arbitrage_upstream_retries_total" in text and "arbitrage_capture_backlog_bytes" in text
 
 
-def test_no_key_in_captured_data_or_metrics(gw):
+@pytest.mark.parametrize("secret", ["gateway key", "upstream key"])
+def test_no_key_in_captured_data_logs_or_metrics(gw, secret):
     create(gw.client())
+    with pytest.raises(openai.RateLimitError):
+        create(gw.client(), model="error-429")  # errors and retries get logged too
+    key = gw.key if secret == "gateway key" else UPSTREAM_KEY
     files = [p for p in gw.data_dir.rglob("*") if p.is_file()]
-    assert files and not any(gw.key.encode() in p.read_bytes() for p in files)
-    assert gw.key not in httpx.get(gw.process.url + "/metrics").text
-    assert gw.key not in gw.process.log.read_text()
+    assert files and not any(key.encode() in p.read_bytes() for p in files)
+    assert key not in httpx.get(gw.process.url + "/metrics").text
+    assert key not in gw.process.log.read_text()
