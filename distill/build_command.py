@@ -73,8 +73,8 @@ def build(config_path, data_dir, **options) -> None:
 def progress_bar(total: int, budget_usd: float) -> Iterator[Progress]:
     """A progress bar on stderr with the dollars spent against the budget."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
 
     columns = (TextColumn("relabelling"), BarColumn(), MofNCompleteColumn(),
                TextColumn("${task.fields[spent]:.6f} of ${task.fields[budget]:g}"),
@@ -99,8 +99,12 @@ def report_teacher(teacher: dict, dollars: dict, counts: dict) -> None:
     spent, cached = dollars["spent_this_run_usd"], dollars["cached_usd"]
     click.echo(f"teacher {teacher['model']}: {teacher['answers_paid']} answers paid (${spent:.6f}), "
                f"{teacher['answers_cached']} from the cache (${cached:.6f}, paid before)", err=True)
+    if teacher["rejected"]:
+        click.echo(f"the teacher rejected {teacher['rejected']} inputs (400/422), e.g.: {teacher['first_rejection']}",
+                   err=True)
     if teacher["stopped_by_budget"]:
-        click.echo(f"budget reached: ${spent:.6f} of ${dollars['budget_usd']:g} spent; "
+        click.echo(f"budget reached: ${spent:.6f} of ${dollars['budget_usd']:g} spent, and the next call could cost "
+                   f"up to ${teacher['next_call_bound_usd']:.6f} (a smaller --max-tokens lowers that); "
                    f"{counts['not_relabelled_budget']} inputs were not relabelled and are not in this dataset: "
                    f"re-run with a larger --budget-usd to add them (cached answers are not paid again)", err=True)
 

@@ -33,6 +33,8 @@ from distill.dataset.writer import write_dataset
 
 SPLIT_METHOD = "eval if sha256(f'{seed}\\0{normalized input}')[:8] / 2**64 < eval_fraction"
 
+DOLLAR_DIGITS = 10
+
 ProgressBar = Callable[[int, float], ContextManager[Progress]]
 """Given (inputs to answer, budget in dollars), a context that yields the progress callback."""
 
@@ -61,7 +63,9 @@ def build(cfg: BuildConfig, config: Config, command: list[str],
         counts.update(not_relabelled_budget=relabelled.not_relabelled, teacher_rejected=relabelled.rejected)
     examples = checked_answers(examples, check, counts)
     if not examples:
-        raise ConfigError(f"no examples left for path {cfg.path!r} after the filters ({_counts_line(counts)})")
+        rejection = f"; the teacher said: {relabelled.first_rejection}" if relabelled and relabelled.rejected else ""
+        raise ConfigError(f"no examples left for path {cfg.path!r} after the filters ({_counts_line(counts)})"
+                          f"{rejection}")
     train, held_out = split(examples, cfg.eval_fraction, cfg.seed)
     counts["kept"] = len(examples)
     manifest = make_manifest(cfg, command, captured, counts, teacher, relabelled, len(train), len(held_out))
@@ -113,12 +117,13 @@ def relabel(teacher: Teacher, examples: list[Example], cfg: BuildConfig,
 
 
 def checked_answers(examples: list[Example], check: filters.OutputCheck, counts: dict[str, int]) -> list[Example]:
-    """Drop refusals, then answers failing the output check; counts each."""
+    """Drop refusals, answers cut off at the token limit, then answers failing the output check; counts each."""
     kept: list[Example] = []
-    for name in ("refusal", "invalid_json", "schema_mismatch"):
+    for name in ("refusal", "truncated", "invalid_json", "schema_mismatch"):
         counts[name] = 0
     for example in examples:
-        problem = "refusal" if filters.is_refusal(example) else check.problem(example.answer)
+        problem = ("refusal" if filters.is_refusal(example) else "truncated" if filters.is_truncated(example)
+                   else check.problem(example.answer))
         if problem:
             counts[problem] += 1
         else:
@@ -138,8 +143,8 @@ def make_manifest(cfg: BuildConfig, command: list[str], captured, counts: dict[s
                     "first_ts": captured.first_ts, "last_ts": captured.last_ts,
                     "answers": "relabel" if teacher else "captured"},
         "teacher": _teacher_facts(teacher, relabelled) if teacher else None,
-        "dollars": {"budget_usd": cfg.budget_usd, "spent_this_run_usd": spent, "cached_usd": cached,
-                    "total_usd": spent + cached},
+        "dollars": {"budget_usd": cfg.budget_usd, "spent_this_run_usd": round(spent, DOLLAR_DIGITS),
+                    "cached_usd": round(cached, DOLLAR_DIGITS), "total_usd": round(spent + cached, DOLLAR_DIGITS)},
         "filters": counts,
         "split": {"method": SPLIT_METHOD, "eval_fraction": cfg.eval_fraction, "seed": cfg.seed,
                   "train": train, "eval": held_out},
@@ -154,6 +159,7 @@ def _teacher_facts(teacher: Teacher, result: RelabelResult) -> dict[str, Any]:
         "system_prompt_sha256": hashlib.sha256(teacher.system_prompt.encode()).hexdigest(),
         "answers_paid": result.paid, "answers_cached": result.cached, "rejected": result.rejected,
         "first_rejection": result.first_rejection, "stopped_by_budget": result.stopped_by_budget,
+        "next_call_bound_usd": result.next_call_bound_usd,
     }
 
 

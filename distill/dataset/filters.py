@@ -10,6 +10,7 @@ fail the path's output check or are refusals.
 - Refusals: OpenAI's ``refusal`` field, or an answer that *starts* with one of
   ``REFUSAL_OPENINGS`` (a JSON answer never does, so a support reply saying "sorry, I can't
   refund that" inside a JSON field is kept).
+- Truncated: the answer stopped at the token limit (``finish_reason == "length"``).
 - Output check: one JSON value (``answer_format="json"``), matching a JSON schema if given.
 """
 
@@ -56,7 +57,7 @@ def drop_near_duplicates(examples: list[Example], threshold: float) -> tuple[lis
     hashes = MinHash.bulk([[s.encode() for s in sh] for sh in shingle_sets], num_perm=NUM_PERM)
     candidate_threshold = min(0.9, max(0.1, threshold - CANDIDATE_MARGIN))
     index, kept = MinHashLSH(threshold=candidate_threshold, num_perm=NUM_PERM), []
-    for i, (example, minhash) in enumerate(zip(examples, hashes)):
+    for i, (example, minhash) in enumerate(zip(examples, hashes, strict=True)):
         if not any(jaccard(shingle_sets[i], shingle_sets[j]) >= threshold for j in index.query(minhash)):
             index.insert(i, minhash)
             kept.append(example)
@@ -77,6 +78,11 @@ def is_refusal(example: Example) -> bool:
     """OpenAI's refusal field, or an answer opening like a refusal."""
     opening = example.answer.lstrip(" \t\n\"'").casefold().replace("\u2019", "'")
     return example.refused or opening.startswith(REFUSAL_OPENINGS)
+
+
+def is_truncated(example: Example) -> bool:
+    """The answer was cut off at the token limit: never an ideal answer, even if it parses."""
+    return example.finish_reason == "length"
 
 
 class OutputCheck:

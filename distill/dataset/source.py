@@ -38,6 +38,7 @@ class Example:
     answer: str
     refused: bool = False
     """The answer came as OpenAI's ``refusal`` rather than content."""
+    finish_reason: str | None = None
     answer_model: str | None = None
     cost_usd: float | None = None
     source: str = "captured"
@@ -67,7 +68,8 @@ def read_captured(data_dir: Path, path: str) -> CapturedSet:
     finally:
         con.close()
     examples = [ex for ex in (to_example(*row) for row in rows) if ex is not None]
-    return CapturedSet(examples, len(rows), len(rows) - len(examples), str(rows[0][1]), str(rows[-1][1]))
+    first, last = (ts.isoformat() if ts is not None else None for ts in (rows[0][1], rows[-1][1]))
+    return CapturedSet(examples, len(rows), len(rows) - len(examples), first, last)
 
 
 def _known_paths(con) -> str:
@@ -91,7 +93,8 @@ def to_example(request_id: str, ts: Any, request: str | None, response: str | No
         return None
     system_prompt, messages = split
     return Example(request_id, messages, system_prompt, content if isinstance(content, str) else str(refusal),
-                   refused=bool(refusal), answer_model=response_model, cost_usd=cost_usd)
+                   refused=bool(refusal), finish_reason=reply["choices"][0].get("finish_reason"),
+                   answer_model=response_model, cost_usd=cost_usd)
 
 
 def split_messages(messages: Any) -> tuple[str | None, tuple[dict[str, str], ...]] | None:

@@ -115,17 +115,14 @@ class Teacher:
         """One teacher call, as a cache entry."""
         messages = [{"role": "system", "content": self.system_prompt}, *example.input_messages]
         response = await client.chat.completions.create(model=self.model, messages=messages, **self.params)
-        message = response.choices[0].message if response.choices else None
-        usage = response.usage
-        prompt, completion = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-        details = usage.prompt_tokens_details if usage else None
-        cached = (details.cached_tokens or 0) if details else 0
-        cost = self._price(response.model or self.model, prompt, cached, completion) if usage else None
+        choice = response.choices[0] if response.choices else None
+        usage = _usage(response.usage)
+        cost = self._price(response.model or self.model, *usage.values()) if response.usage else None
         return {
             "key": key, "model": self.model, "response_model": response.model,
-            "content": message.content if message else None, "refusal": message.refusal if message else None,
-            "finish_reason": response.choices[0].finish_reason if response.choices else None,
-            "usage": {"prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion},
+            "content": choice.message.content if choice else None,
+            "refusal": choice.message.refusal if choice else None,
+            "finish_reason": choice.finish_reason if choice else None, "usage": usage,
             "cost_usd": reserved if cost is None else cost, "cost_estimated": cost is None,
             "created_at": datetime.now(UTC).isoformat(),
         }
@@ -222,6 +219,15 @@ class _Run:
             self.result.cached_usd += entry["cost_usd"]
 
 
+def _usage(usage) -> dict[str, int]:
+    """Prompt, cached and completion tokens (zeros when the answer reported none: then the cost is the
+    call's reserved upper bound, marked ``cost_estimated``)."""
+    details = usage.prompt_tokens_details if usage else None
+    return {"prompt_tokens": usage.prompt_tokens if usage else 0,
+            "cached_tokens": (details.cached_tokens or 0) if details else 0,
+            "completion_tokens": usage.completion_tokens if usage else 0}
+
+
 def _first_exception(tasks: set[asyncio.Task]) -> BaseException | None:
     """The first failure among finished tasks (every one is retrieved, so none is logged as lost)."""
     failures = [t.exception() for t in tasks if not t.cancelled()]
@@ -231,8 +237,9 @@ def _first_exception(tasks: set[asyncio.Task]) -> BaseException | None:
 def _relabelled(example: Example, entry: dict[str, Any]) -> Example:
     refusal = entry.get("refusal")
     answer = entry["content"] if entry.get("content") is not None else (refusal or "")
-    return replace(example, answer=answer, refused=bool(refusal), answer_model=entry.get("response_model"),
-                   cost_usd=entry["cost_usd"], source="relabel", answer_key=entry["key"])
+    return replace(example, answer=answer, refused=bool(refusal), finish_reason=entry.get("finish_reason"),
+                   answer_model=entry.get("response_model"), cost_usd=entry["cost_usd"], source="relabel",
+                   answer_key=entry["key"])
 
 
 def _message(exc: Exception) -> str:
