@@ -11,6 +11,7 @@ import click
 
 from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, friendly_errors
 from arbitrage.config import load_config
+from distill.build_command import distill
 from distill.paths_command import paths
 from simulator.cli import sim
 
@@ -129,6 +130,7 @@ def _terminal_width() -> int:
 
 main.add_command(sim)
 main.add_command(paths)
+main.add_command(distill)
 
 
 @main.command()

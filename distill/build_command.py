@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import click
 from click.core import ParameterSource
 
-from arbitrage.errors import ArbitrageError
+from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, friendly_errors
 from distill.dataset.config import EXPORT_FORMATS, BuildConfig
 from distill.dataset.teacher import Progress
 
@@ -30,10 +30,8 @@ def distill() -> None:
 
 @distill.command("build")
 @click.argument("path")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML config file: data directory, upstreams (the teacher's) and prices.")
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Capture store to read [default: ./arbitrage-data, or the config's].")
+@CONFIG_OPTION
+@DATA_DIR_OPTION
 @_option("--datasets-dir", field="datasets_dir", type=click.Path(file_okay=False))
 @_option("--relabel", field="relabel", is_flag=True)
 @_option("--teacher-model", field="teacher_model")
@@ -49,6 +47,7 @@ def distill() -> None:
 @_option("--seed", field="seed", type=int)
 @_option("--max-examples", field="max_examples", type=int)
 @_option("--export", field="export", type=click.Choice(EXPORT_FORMATS), multiple=True)
+@friendly_errors
 def build(config_path, data_dir, **options) -> None:
     """Build the next version of PATH's training set: DATA_DIR/datasets/PATH/vN/ with train and
     eval Parquet and a manifest. Its folder is printed on stdout."""
@@ -60,8 +59,6 @@ def build(config_path, data_dir, **options) -> None:
         config = load_config(config_path, data_dir=data_dir)
         cfg = BuildConfig(data_dir=str(config.data_dir), **options)
         result = build_dataset(cfg, config, command, progress_bar)
-    except ArbitrageError as exc:
-        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted: no dataset was written; teacher answers received so far are cached, so "
                    "re-running the same command resumes without paying for them again", err=True)
