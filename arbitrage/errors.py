@@ -13,6 +13,7 @@ Tree::
         ├── MethodNotAllowedError   405  known endpoint, wrong method
         ├── PayloadTooLargeError    413  body over the configured limit
         ├── RateLimitError          429  (upstream status is relayed as it is)
+        ├── ClientDisconnectedError 499  the client left before the answer (nginx's code)
         └── UpstreamError           502  upstream unreachable or broken
             └── UpstreamTimeoutError 504 upstream did not answer in time
 
@@ -91,6 +92,11 @@ class PayloadTooLargeError(APIError):
 class RateLimitError(APIError):
     status_code = 429
     error_type = "rate_limit_error"
+
+
+class ClientDisconnectedError(APIError):
+    status_code = 499
+    error_type = "client_disconnected"
 
 
 class UpstreamError(APIError):

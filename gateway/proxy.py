@@ -17,13 +17,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import orjson
 from litestar import Response
 from litestar.response import Stream
 
-from arbitrage.errors import APIError, StoreError, UpstreamError, UpstreamTimeoutError
+from arbitrage.errors import APIError, ClientDisconnectedError, StoreError, UpstreamError, UpstreamTimeoutError
 from arbitrage.pricing import PriceBook
 from arbitrage.capture.store import CaptureStore
 from gateway.metrics import Metrics
@@ -64,6 +64,8 @@ class Call:
     request_id: str = field(default_factory=lambda: os.urandom(16).hex())
     ts: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.perf_counter)
+    receive: Callable[[], Awaitable[dict]] | None = None
+    """The client connection's ASGI receive, to notice a client that leaves early."""
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -118,8 +120,21 @@ class Proxy:
         return Stream(events, media_type="text/event-stream", headers=self._headers(call, reply))
 
     async def _send(self, call: Call, upstream: Upstream, body: bytes, headers: dict[str, str]) -> UpstreamReply:
+        """Send upstream while watching the client: if it leaves first, the upstream call is
+        cancelled (an LLM answer can take a minute, and it is billed)."""
+        sending = asyncio.ensure_future(upstream.send("POST", call.upstream_path, body, headers))
+        watching = asyncio.ensure_future(_client_gone(call.receive)) if call.receive else None
         try:
-            return await upstream.send("POST", call.upstream_path, body, headers)
+            await asyncio.wait([f for f in (sending, watching) if f], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if watching:
+                watching.cancel()
+        if not sending.done():
+            sending.cancel()
+            self.record(call, upstream, Outcome(499, error_type="client_disconnected"))
+            raise ClientDisconnectedError("The client closed the connection before the answer.")
+        try:
+            return sending.result()
         except UpstreamError as exc:
             self.record(call, upstream, Outcome(exc.status_code, error_type=exc.code))
             raise
@@ -256,6 +271,12 @@ class Proxy:
             if value is not None:
                 headers[name] = value
         return headers
+
+
+async def _client_gone(receive: Callable[[], Awaitable[dict]]) -> None:
+    """Returns when the client disconnects (the request body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _upstream_events(reply: UpstreamReply) -> AsyncIterator[bytes]:

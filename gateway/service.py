@@ -109,7 +109,8 @@ class Gateway:
         path = named or derived_path(endpoint.name, parsed.model, endpoint.template(parsed))
         upstream = self._upstream_for(parsed.model)
         stream = bool(getattr(parsed, "stream", False)) and endpoint.assembler is not None
-        call = Call(endpoint.name, endpoint.upstream_path, key_id, path, parsed.model, body, stream=stream)
+        call = Call(endpoint.name, endpoint.upstream_path, key_id, path, parsed.model, body, stream=stream,
+                    receive=request.receive)
         headers = upstream.headers(request.headers)
         if not stream:
             forwarded = _without_path_metadata(body) if _has_path_metadata(parsed) else body

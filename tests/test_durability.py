@@ -91,3 +91,16 @@ def wait_for_record(gw: Gateway, request_id: str, timeout: float = 10) -> dict:
             return rows[0]
         time.sleep(0.2)
     raise AssertionError(f"no record for {request_id}")
+
+
+def test_client_leaving_before_the_answer_cancels_the_upstream_call(gw):
+    body = {**BODY, "model": "slow", "messages": [{"role": "user", "content": "leave early"}]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.process.url + "/v1/chat/completions", json=body, timeout=0.5,
+                   headers={"Authorization": f"Bearer {gw.key}"})
+    deadline = time.monotonic() + 3  # the simulator's slow answer takes 5 s: the record must come first
+    while time.monotonic() < deadline:
+        rows = gw.rows("SELECT status_code, error_type FROM calls WHERE model = 'slow'")
+        if rows:
+            break
+    assert rows == [{"status_code": 499, "error_type": "client_disconnected"}]
