@@ -1,0 +1,424 @@
+"""LoRA training of one call path's dataset version (``arbitrage distill train PATH``)::
+
+    <data_dir>/datasets/PATH/vN/ (train, eval Parquet) + base model
+    -> prompts in the base model's chat template, loss on the answer tokens only
+    -> transformers' Trainer with a peft LoRA model: bf16 autocast where faster, gradient
+       accumulation, evaluation on the eval split, resumable checkpoints
+    -> <data_dir>/adapters/PATH/vM/: adapter_config.json + adapter_model.safetensors (vLLM loads
+       the folder as it is with --enable-lora), train_config.json, manifest.json
+
+A run works in ``vM.partial/`` (checkpoints in ``vM.partial/checkpoints/``). Re-running after an
+interruption resumes from the last checkpoint, provided nothing but the run's length and
+reporting changed (``RUN_LENGTH_FIELDS``). The finished adapter is renamed into place, so a
+folder named ``vM`` is always complete. One training per path at a time.
+
+transformers' ``Trainer`` rather than TRL's ``SFTTrainer``: the examples are tokenized here (the
+prompt exactly as a server renders it, then the answer and the end-of-turn token), which leaves
+``SFTTrainer`` nothing to add, while it needs ``datasets`` and computes entropy and token accuracy
+on every step.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Sequence
+
+from transformers import TrainerCallback
+
+from arbitrage.errors import ConfigError
+from distill.base import BaseModel, default_models_dir, resolve_base
+from distill.dataset.writer import MANIFEST, versions
+from distill.training.config import TrainConfig
+from distill.training.data import ChatEncoder, EncodedSplit, encode_split, read_split
+
+CONFIG_FILE = "train_config.json"
+CHECKPOINTS = "checkpoints"
+SPEED_CACHE = "bf16-speed.json"
+SPEED_BATCH = (4, 128)
+"""Examples x tokens of the batch timed in fp32 and bf16 when ``bf16`` is 'auto'."""
+_PARTIAL = re.compile(r"v(\d+)\.partial")
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """The dataset version a run trains on."""
+
+    path: str
+    version: str
+    folder: Path
+    manifest_sha256: str
+
+    def facts(self) -> dict[str, Any]:
+        return {"path": self.path, "version": self.version, "folder": str(self.folder.resolve()),
+                "manifest_sha256": self.manifest_sha256}
+
+
+@dataclass(frozen=True)
+class Run:
+    """The working folder of one training run, and the checkpoint it resumes from."""
+
+    number: int
+    folder: Path
+    checkpoint: str | None
+
+
+@dataclass
+class TrainResult:
+    """What a run wrote."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+
+def train(cfg: TrainConfig, data_dir: Path, command: Sequence[str], *, resume: bool = True,
+          models_dir: Path | None = None, callbacks: Sequence[Any] = (), progress: bool = True) -> TrainResult:
+    """Train one adapter; user mistakes raise ConfigError before the model is loaded."""
+    started = time.perf_counter()
+    dataset = find_dataset(Path(data_dir) / "datasets", cfg.path, cfg.dataset_version)
+    cfg = replace(cfg, dataset_version=dataset.version)
+    models_dir = Path(models_dir) if models_dir else default_models_dir()
+    base = resolve_base(cfg.base, models_dir)
+    tokenizer = load_tokenizer(base)
+    splits = encode_splits(dataset, ChatEncoder(tokenizer), cfg)
+    root = Path(data_dir) / "adapters" / cfg.path
+    run = open_run(root, cfg, resume)
+    model = load_lora_model(base, cfg)
+    precision = choose_precision(cfg, model, base, models_dir / SPEED_CACHE)
+    bar = TrainingProgress(enabled=progress)
+    trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, *callbacks])
+    output = trainer.train(resume_from_checkpoint=run.checkpoint)
+    eval_loss = final_eval_loss(trainer)
+    adapter = run.folder / "adapter"
+    trainer.model.save_pretrained(adapter)
+    cfg.save(adapter / CONFIG_FILE)
+    manifest = make_manifest(cfg, base, dataset, splits, trainer.state, run, precision, bar,
+                             {"train_loss": output.training_loss, "eval_loss": eval_loss},
+                             command, time.perf_counter() - started)
+    return publish(run, root, adapter, manifest)
+
+
+def find_dataset(datasets_root: Path, path: str, wanted: str | None) -> DatasetRef:
+    """The dataset version to train on (the latest when ``wanted`` is None)."""
+    found = versions(datasets_root / path)
+    if not found:
+        known = sorted(p.name for p in datasets_root.iterdir() if versions(p)) if datasets_root.is_dir() else []
+        hint = f" (paths with datasets: {', '.join(known)})" if known else ""
+        raise ConfigError(f"no dataset for path {path!r} in {datasets_root}{hint}: "
+                          f"build one with `arbitrage distill build {path}`")
+    chosen = wanted or f"v{found[-1]}"
+    if int(chosen[1:]) not in found:
+        raise ConfigError(f"path {path!r} has no dataset {chosen} (versions: {', '.join(f'v{n}' for n in found)})")
+    folder = datasets_root / path / chosen
+    return DatasetRef(path, chosen, folder, _sha256(folder / MANIFEST))
+
+
+def load_tokenizer(base: BaseModel):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base.location)
+    except OSError as exc:
+        raise ConfigError(f"cannot load the tokenizer of base model {base.name!r}: {exc}") from None
+
+
+def encode_splits(dataset: DatasetRef, encoder: ChatEncoder, cfg: TrainConfig) -> dict[str, EncodedSplit]:
+    """Train and eval examples; a clear error when no training example fits."""
+    splits = {name: encode_split(read_split(dataset.folder, name), encoder, cfg) for name in ("train", "eval")}
+    train_split = splits["train"]
+    if not train_split.examples:
+        reason = (f"all {train_split.too_long} are longer than --max-seq-len {cfg.max_seq_len} tokens"
+                  if train_split.too_long else "its train split is empty")
+        raise ConfigError(f"dataset {dataset.path} {dataset.version} has no usable training example: {reason}")
+    return splits
+
+
+def open_run(root: Path, cfg: TrainConfig, resume: bool) -> Run:
+    """The interrupted run to resume (same config but for its length), else a new one."""
+    root.mkdir(parents=True, exist_ok=True)
+    partials = _partials(root)
+    if resume and partials:
+        number = max(partials)
+        folder = partials.pop(number)
+        saved = _saved_config(folder)
+        if saved is not None:
+            _check_resumable(cfg, saved, folder)
+            cfg.save(folder / CONFIG_FILE)
+            return Run(number, folder, _last_checkpoint(folder / CHECKPOINTS))
+        partials[number] = folder
+    for folder in partials.values():
+        shutil.rmtree(folder)
+    number = max(versions(root), default=0) + 1
+    folder = root / f"v{number}.partial"
+    folder.mkdir()
+    cfg.save(folder / CONFIG_FILE)
+    return Run(number, folder, None)
+
+
+def _partials(root: Path) -> dict[int, Path]:
+    """Unfinished runs; ones whose adapter was published (the clean-up was cut short) are removed."""
+    published = set(versions(root))
+    found = {int(m[1]): p for p in root.iterdir() if (m := _PARTIAL.fullmatch(p.name))}
+    for number in published & found.keys():
+        shutil.rmtree(found.pop(number))
+    return found
+
+
+def _saved_config(folder: Path) -> TrainConfig | None:
+    try:
+        return TrainConfig.load(folder / CONFIG_FILE)
+    except (OSError, ValueError, TypeError, ConfigError):
+        return None
+
+
+def _check_resumable(cfg: TrainConfig, saved: TrainConfig, folder: Path) -> None:
+    changed = cfg.differences(saved)
+    if changed:
+        raise ConfigError(f"an interrupted training of {cfg.path!r} in {folder} used other settings "
+                          f"({', '.join(f'{n}: {getattr(saved, n)!r}' for n in changed)}): give the same "
+                          f"ones to resume it, or --no-resume to discard it and start over")
+
+
+def _last_checkpoint(folder: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def load_lora_model(base: BaseModel, cfg: TrainConfig):
+    """The base model in float32 with fresh LoRA layers (seeded)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, set_seed
+
+    set_seed(cfg.seed)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base.location, dtype=torch.float32)
+    except OSError as exc:
+        raise ConfigError(f"cannot load base model {base.name!r}: {exc}") from None
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.peft_target_modules, bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ConfigError(f"LoRA target modules {list(cfg.target_modules)}: {exc}") from None
+
+
+def choose_precision(cfg: TrainConfig, model, base: BaseModel, cache_file: Path) -> dict[str, Any]:
+    """bf16 autocast on or off: as configured, or ('auto') whichever trains faster on this machine."""
+    if cfg.bf16 != "auto":
+        return {"bf16": cfg.bf16 == "on", "setting": cfg.bf16}
+    key = _machine_key(base)
+    cache = _read_json(cache_file)
+    if key not in cache:
+        cache[key] = {"tokens_per_s": {mode: round(measure_speed(model, mode == "bf16"), 1)
+                                       for mode in ("fp32", "bf16")},
+                      "batch": list(SPEED_BATCH), "measured_at": datetime.now(UTC).isoformat()}
+        _write_json(cache_file, cache)
+    speed = cache[key]["tokens_per_s"]
+    return {"bf16": speed["bf16"] > speed["fp32"], "setting": "auto", "measured": cache[key], "machine": key}
+
+
+def measure_speed(model, bf16: bool, steps: int = 2) -> float:
+    """Training tokens/s (forward and backward, no update) on a random batch; the best of ``steps``."""
+    import torch
+
+    with torch.random.fork_rng():
+        ids = torch.randint(0, model.config.vocab_size, SPEED_BATCH)
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return SPEED_BATCH[0] * SPEED_BATCH[1] / min(times[1:])
+
+
+def _machine_key(base: BaseModel) -> str:
+    import torch
+
+    return f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {base.location}"
+
+
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def final_eval_loss(trainer) -> float | None:
+    """The eval loss of the trained adapter (evaluated now unless the last step already did)."""
+    if not trainer.eval_dataset:
+        return None
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is not None and last["step"] == trainer.state.global_step:
+        return last["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
+def make_trainer(model, tokenizer, splits: dict[str, EncodedSplit], cfg: TrainConfig, run: Run, bf16: bool,
+                 callbacks: list[Any]):
+    """transformers' Trainer: padded batches grouped by length, answer-only labels, checkpoints in the run."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    eval_examples = splits["eval"].examples[:cfg.max_eval_examples]
+    args = TrainingArguments(
+        output_dir=str(run.folder / CHECKPOINTS), use_cpu=True, bf16=bf16, seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accumulation, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_schedule, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        eval_strategy="steps" if eval_examples else "no", eval_steps=cfg.eval_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        logging_strategy="steps", logging_steps=cfg.logging_steps,
+        train_sampling_strategy="group_by_length", include_num_input_tokens_seen="non_padding",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
+    trainer = Trainer(model=model, args=args, train_dataset=splits["train"].examples,
+                      eval_dataset=eval_examples or None, data_collator=collator, processing_class=tokenizer,
+                      callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+class TrainingProgress(TrainerCallback):
+    """A progress bar on stderr (steps, ETA, loss, training tokens/s); keeps the timing for the manifest.
+
+    Tokens are the non-padding tokens trained on; seconds are those spent in training steps
+    (evaluation and checkpoint writing are left out).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.train_seconds = 0.0
+        self.tokens = 0
+        self._tokens_at_start = 0
+        self._step_started = 0.0
+        self.last = {}
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.train_seconds if self.train_seconds else None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from tqdm.auto import tqdm
+
+        self._tokens_at_start = state.num_input_tokens_seen
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", desc="training",
+                        file=sys.stderr, disable=not self.enabled, dynamic_ncols=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.train_seconds += time.perf_counter() - self._step_started
+        self.tokens = state.num_input_tokens_seen - self._tokens_at_start
+        self.bar.update(state.global_step - self.bar.n)
+        self.bar.set_postfix(self._postfix(), refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.last.update({k: v for k, v in (logs or {}).items() if k in ("loss", "eval_loss")})
+        if self.bar is not None:
+            self.bar.set_postfix(self._postfix())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+    def _postfix(self) -> dict[str, str]:
+        shown = {name: f"{value:.4f}" for name, value in self.last.items()}
+        if self.tokens_per_s:
+            shown["tok/s"] = f"{self.tokens_per_s:.0f}"
+        return shown
+
+
+def make_manifest(cfg: TrainConfig, base: BaseModel, dataset: DatasetRef, splits: dict[str, EncodedSplit], state,
+                  run: Run, precision: dict[str, Any], bar: TrainingProgress, losses: dict[str, Any],
+                  command: Sequence[str], wall_seconds: float) -> dict[str, Any]:
+    """What produced the adapter: base, dataset, prompt handling, config, metrics, time and speed."""
+    history = state.log_history
+    return {
+        "path": cfg.path, "created_at": datetime.now(UTC).isoformat(), "command": shlex.join(command),
+        "base": base.facts(), "dataset": {**dataset.facts(), **{n: s.facts() for n, s in splits.items()}},
+        "system_prompt": {"mode": "replace" if cfg.drop_system_prompt else "keep",
+                          "text": cfg.short_system_prompt},
+        "config": cfg.to_dict(), "precision": precision,
+        "metrics": {**losses, "global_step": state.global_step, "epoch": state.epoch,
+                    "resumed_from_step": _step_of(run.checkpoint),
+                    "loss_history": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+                    "eval_history": [{"step": h["step"], "eval_loss": h["eval_loss"]}
+                                     for h in history if "eval_loss" in h]},
+        "timing": {"wall_seconds": round(wall_seconds, 2), "train_seconds": round(bar.train_seconds, 2),
+                   "tokens_trained": bar.tokens,
+                   "tokens_per_s": round(bar.tokens_per_s, 1) if bar.tokens_per_s else None},
+        "software": {name: _version(name) for name in ("arbitrage", "torch", "transformers", "peft")},
+    }
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None
+
+
+def publish(run: Run, root: Path, adapter: Path, manifest: dict[str, Any]) -> TrainResult:
+    """Rename the finished adapter to ``vM`` (the next free number if another run took it)."""
+    number = run.number
+    while True:
+        manifest = {"version": f"v{number}", **manifest, "files": _file_hashes(adapter)}
+        _write_json(adapter / MANIFEST, manifest)
+        try:
+            os.rename(adapter, root / f"v{number}")
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            number = max(versions(root)) + 1
+    shutil.rmtree(run.folder, ignore_errors=True)
+    return TrainResult(root / f"v{number}", manifest)
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    temp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
+    os.replace(temp, path)
+
+
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
