@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -42,30 +43,36 @@ def completed_calls(url: str, stop: threading.Event, done: list[str], stream: bo
                 return
 
 
-def run_load_then_kill(gw: Gateway, seconds: float) -> list[str]:
+def children(pid: int) -> set[int]:
+    return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+
+def run_load_then_kill(gw: Gateway, seconds: float) -> tuple[list[str], set[int]]:
     stop, done = threading.Event(), []
     threads = [threading.Thread(target=completed_calls, args=(gw.process.url, stop, done, i % 2 == 0))
                for i in range(8)]
     for t in threads:
         t.start()
     time.sleep(seconds)
+    compactor = children(gw.process.proc.pid)
     gw.process.kill9()
     stop.set()
     for t in threads:
         t.join(15)
-    return done
+    return done, compactor
 
 
 def test_kill9_under_load_loses_no_completed_response(tmp_path, sim):
     gw = dev_gateway(tmp_path, sim)
     gw.process.start()
-    completed = run_load_then_kill(gw, seconds=2.0)
+    completed, compactor = run_load_then_kill(gw, seconds=2.0)
     gw.process.start()  # restart on the same data: the dead process's journal is compacted
     gw.process.stop()
     recorded = {r["request_id"] for r in gw.rows("SELECT request_id FROM calls")}
     assert len(completed) > 50
     assert set(completed) <= recorded
     assert not list((gw.data_dir / "calls" / "journal").glob("[!_]*.jsonl"))  # all compacted
+    assert compactor and not any(Path(f"/proc/{pid}").exists() for pid in compactor)  # no orphan left
 
 
 def test_client_disconnect_cancels_and_is_recorded(tmp_path, slow_sim):

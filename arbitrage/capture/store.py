@@ -15,6 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -89,7 +92,8 @@ class CaptureStore:
 
     def _compactor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=exit_with_parent, initargs=(os.getpid(),))
         return self._pool
 
     def _close_compactor(self) -> None:
@@ -103,6 +107,17 @@ class CaptureStore:
         for journal in self.journals.values():
             journal.close()
         self.compact()
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """In the compaction child: exit when the gateway is gone, even after a kill -9."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def compact_store(data_dir: Path, schemas: dict[str, pa.Schema]) -> CompactionResult:
