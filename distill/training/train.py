@@ -131,7 +131,11 @@ def load_tokenizer(base: BaseModel):
     try:
         return AutoTokenizer.from_pretrained(base.location)
     except OSError as exc:
-        raise ConfigError(f"cannot load the tokenizer of base model {base.name!r}: {exc}") from None
+        raise ConfigError(f"cannot load the tokenizer of base model {base.name!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def encode_splits(dataset: DatasetRef, encoder: ChatEncoder, cfg: TrainConfig) -> dict[str, EncodedSplit]:
@@ -207,7 +211,7 @@ def load_lora_model(base: BaseModel, cfg: TrainConfig):
     try:
         model = AutoModelForCausalLM.from_pretrained(base.location, dtype=torch.float32)
     except OSError as exc:
-        raise ConfigError(f"cannot load base model {base.name!r}: {exc}") from None
+        raise ConfigError(f"cannot load base model {base.name!r}: {_first_line(exc)}") from None
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.peft_target_modules, bias="none", task_type="CAUSAL_LM")
     try:
