@@ -5,13 +5,16 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import click
 from click.core import ParameterSource
 
 from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, friendly_errors
 from distill.dataset.config import EXPORT_FORMATS, BuildConfig
-from distill.dataset.teacher import Progress
+
+if TYPE_CHECKING:
+    from distill.dataset.teacher import Progress
 
 INTERRUPTED_EXIT = 130
 
@@ -20,7 +23,7 @@ def _option(*decls: str, field: str, **kwargs):
     """An option whose help text and default come from BuildConfig's field."""
     default = BuildConfig.default_for(field)
     return click.option(*decls, help=BuildConfig.help_for(field), default=default,
-                        show_default=default not in (None, False, ()), **kwargs)
+                        show_default=default is not None and default is not False and default != (), **kwargs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
