@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from arbitrage.documented_fields import DocumentedFields
 from arbitrage.errors import ConfigError
 
 EXPORT_FORMATS = ("openai-jsonl",)
@@ -21,7 +22,7 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class BuildConfig:
+class BuildConfig(DocumentedFields):
     """One ``arbitrage distill build`` run."""
 
     path: str = _help("The call path whose captured calls become the training set.")
@@ -96,21 +97,6 @@ class BuildConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as saved in the manifest."""
         return {**dataclasses.asdict(self), "export": list(self.export)}
-
-    @staticmethod
-    def help_for(name: str) -> str:
-        """The help text of one field, for the command line."""
-        return _field(name).metadata["help"]
-
-    @staticmethod
-    def default_for(name: str) -> Any:
-        """The default of one field (None for required ones), for the command line."""
-        default = _field(name).default
-        return None if default is dataclasses.MISSING else default
-
-
-def _field(name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(BuildConfig) if f.name == name)
 
 
 def check_path_name(path: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from arbitrage.documented_fields import DocumentedFields
 from arbitrage.errors import ConfigError
 from distill.base import DEFAULT_BASE
 from distill.dataset.config import check_path_name
@@ -29,7 +30,7 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DocumentedFields):
     """One ``arbitrage distill train`` run."""
 
     path: str = _help("The call path whose training set is learned.")
@@ -132,18 +133,3 @@ class TrainConfig:
         """Names of the fields that differ, except ``ignore``."""
         return [f.name for f in dataclasses.fields(self)
                 if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)]
-
-    @staticmethod
-    def help_for(name: str) -> str:
-        """The help text of one field, for the command line."""
-        return _field(name).metadata["help"]
-
-    @staticmethod
-    def default_for(name: str) -> Any:
-        """The default of one field (None for required ones), for the command line."""
-        default = _field(name).default
-        return None if default is dataclasses.MISSING else default
-
-
-def _field(name: str) -> dataclasses.Field:
-    return next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
