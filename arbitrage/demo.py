@@ -111,5 +111,7 @@ def _report(data_dir: Path, port: int, requests: int) -> None:
                f"e.g. {answers[0]}")
     click.echo("Captured calls by path (arbitrage sql over the Parquet/DuckDB store):")
     connect(data_dir).sql(SUMMARY).show()
-    click.echo(f"Try: arbitrage paths --data-dir {data_dir}   |   arbitrage sql --data-dir {data_dir} \"SELECT model, prompt_tokens, cost_usd, response "
-               f"FROM calls LIMIT 5\"   |   metrics: http://127.0.0.1:{port}/metrics")
+    click.echo(f"Try: arbitrage paths --data-dir {data_dir}")
+    click.echo(f"     arbitrage sql --data-dir {data_dir} \"SELECT model, prompt_tokens, cost_usd, response "
+               f"FROM calls LIMIT 5\"")
+    click.echo(f"     curl http://127.0.0.1:{port}/metrics")

@@ -57,8 +57,9 @@ def test_sql_prints_a_table(gw):
     assert result.exit_code == 0 and "calls_so_far" in result.stdout
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["sql"], ["sim"], ["paths"], ["demo"], ["keys"], ["keys", "create"],
-                                     ["keys", "list"], ["keys", "revoke"], ["distill"], ["distill", "build"], ["distill", "base"], ["distill", "train"]])
+@pytest.mark.parametrize("command", [
+    [], ["serve"], ["sql"], ["sim"], ["paths"], ["demo"], ["keys"], ["keys", "create"], ["keys", "list"],
+    ["keys", "revoke"], ["distill"], ["distill", "build"], ["distill", "base"], ["distill", "train"]])
 def test_every_command_has_help(command):
     result = run(*command, "--help")
     assert result.exit_code == 0 and len(result.stdout.split("Options:")[0].split("\n", 2)[-1].strip()) > 20
