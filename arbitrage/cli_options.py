@@ -15,6 +15,15 @@ DATA_DIR_OPTION = click.option("--data-dir", type=click.Path(file_okay=False),
                                help="Data directory [default: ./arbitrage-data, or the config's].")
 
 
+def field_option(config_cls, *decls: str, field: str, **kwargs):
+    """An option stored under a config field's name, with that field's help text and default
+    (``config_cls`` is a ``DocumentedFields`` dataclass)."""
+    default = config_cls.default_for(field)
+    names = decls if field in decls else (*decls, field)
+    return click.option(*names, help=config_cls.help_for(field), default=default,
+                        show_default=default is not None and default is not False and default != (), **kwargs)
+
+
 def friendly_errors(func):
     """Turn arbitrage's own errors into a one-line message and exit status 1."""
 

@@ -10,20 +10,13 @@ from typing import TYPE_CHECKING
 import click
 from click.core import ParameterSource
 
-from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, friendly_errors
+from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, field_option, friendly_errors
 from distill.dataset.config import EXPORT_FORMATS, BuildConfig
 
 if TYPE_CHECKING:
     from distill.dataset.teacher import Progress
 
 INTERRUPTED_EXIT = 130
-
-
-def _option(*decls: str, field: str, **kwargs):
-    """An option whose help text and default come from BuildConfig's field."""
-    default = BuildConfig.default_for(field)
-    return click.option(*decls, help=BuildConfig.help_for(field), default=default,
-                        show_default=default is not None and default is not False and default != (), **kwargs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,21 +28,21 @@ def distill() -> None:
 @click.argument("path")
 @CONFIG_OPTION
 @DATA_DIR_OPTION
-@_option("--datasets-dir", field="datasets_dir", type=click.Path(file_okay=False))
-@_option("--relabel", field="relabel", is_flag=True)
-@_option("--teacher-model", field="teacher_model")
-@_option("--system-prompt-file", field="system_prompt_file", type=click.Path(dir_okay=False))
-@_option("--budget-usd", field="budget_usd", type=float)
-@_option("--concurrency", field="concurrency", type=int)
-@_option("--max-tokens", field="max_tokens", type=int)
-@_option("--temperature", field="temperature", type=float)
-@_option("--answer-format", field="answer_format", type=click.Choice(["json", "text"]))
-@_option("--json-schema", "json_schema_file", field="json_schema_file", type=click.Path(dir_okay=False))
-@_option("--near-duplicate-threshold", field="near_duplicate_threshold", type=float)
-@_option("--eval-fraction", field="eval_fraction", type=float)
-@_option("--seed", field="seed", type=int)
-@_option("--max-examples", field="max_examples", type=int)
-@_option("--export", field="export", type=click.Choice(EXPORT_FORMATS), multiple=True)
+@field_option(BuildConfig, "--datasets-dir", field="datasets_dir", type=click.Path(file_okay=False))
+@field_option(BuildConfig, "--relabel", field="relabel", is_flag=True)
+@field_option(BuildConfig, "--teacher-model", field="teacher_model")
+@field_option(BuildConfig, "--system-prompt-file", field="system_prompt_file", type=click.Path(dir_okay=False))
+@field_option(BuildConfig, "--budget-usd", field="budget_usd", type=float)
+@field_option(BuildConfig, "--concurrency", field="concurrency", type=int)
+@field_option(BuildConfig, "--max-tokens", field="max_tokens", type=int)
+@field_option(BuildConfig, "--temperature", field="temperature", type=float)
+@field_option(BuildConfig, "--answer-format", field="answer_format", type=click.Choice(["json", "text"]))
+@field_option(BuildConfig, "--json-schema", field="json_schema_file", type=click.Path(dir_okay=False))
+@field_option(BuildConfig, "--near-duplicate-threshold", field="near_duplicate_threshold", type=float)
+@field_option(BuildConfig, "--eval-fraction", field="eval_fraction", type=float)
+@field_option(BuildConfig, "--seed", field="seed", type=int)
+@field_option(BuildConfig, "--max-examples", field="max_examples", type=int)
+@field_option(BuildConfig, "--export", field="export", type=click.Choice(EXPORT_FORMATS), multiple=True)
 @friendly_errors
 def build(config_path, data_dir, **options) -> None:
     """Build the next version of PATH's training set: DATA_DIR/datasets/PATH/vN/ with train and

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, friendly_errors
+from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, field_option, friendly_errors
 from distill.base import CACHE_ENV, DEFAULT_BASE
 from distill.build_command import command_line
 from distill.training.config import SCHEDULES, TrainConfig
@@ -19,13 +19,6 @@ INTERRUPTED_EXIT = 130
 MODELS_DIR_OPTION = click.option(
     "--models-dir", type=click.Path(file_okay=False),
     help=f"Where prepared base models are cached [default: ${CACHE_ENV}, else ~/.cache/arbitrage/models].")
-
-
-def _option(*decls: str, field: str, **kwargs):
-    """An option whose help text and default come from TrainConfig's field."""
-    default = TrainConfig.default_for(field)
-    return click.option(*decls, field, help=TrainConfig.help_for(field), default=default,
-                        show_default=default is not None and default is not False and default != (), **kwargs)
 
 
 @click.command()
@@ -53,29 +46,29 @@ def base(models_dir) -> None:
 @CONFIG_OPTION
 @DATA_DIR_OPTION
 @MODELS_DIR_OPTION
-@_option("--dataset-version", field="dataset_version", metavar="vN")
-@_option("--base", field="base", metavar="NAME_OR_PATH")
-@_option("--max-steps", field="max_steps", type=int)
-@_option("--epochs", field="epochs", type=float)
-@_option("--batch-size", field="batch_size", type=int)
-@_option("--grad-accumulation", field="grad_accumulation", type=int)
-@_option("--lr", field="learning_rate", type=float)
-@_option("--lr-schedule", field="lr_schedule", type=click.Choice(SCHEDULES))
-@_option("--warmup-ratio", field="warmup_ratio", type=float)
-@_option("--weight-decay", field="weight_decay", type=float)
-@_option("--rank", field="lora_rank", type=int)
-@_option("--lora-alpha", field="lora_alpha", type=float)
-@_option("--lora-dropout", field="lora_dropout", type=float)
-@_option("--target-modules", field="target_modules", multiple=True)
-@_option("--max-seq-len", field="max_seq_len", type=int)
-@_option("--bf16", field="bf16", type=click.Choice(["auto", "on", "off"]))
-@_option("--eval-steps", field="eval_steps", type=int)
-@_option("--max-eval-examples", field="max_eval_examples", type=int)
-@_option("--save-steps", field="save_steps", type=int)
-@_option("--logging-steps", field="logging_steps", type=int)
-@_option("--seed", field="seed", type=int)
-@_option("--drop-system-prompt", field="drop_system_prompt", is_flag=True)
-@_option("--short-system-prompt", field="short_system_prompt", metavar="TEXT")
+@field_option(TrainConfig, "--dataset-version", field="dataset_version", metavar="vN")
+@field_option(TrainConfig, "--base", field="base", metavar="NAME_OR_PATH")
+@field_option(TrainConfig, "--max-steps", field="max_steps", type=int)
+@field_option(TrainConfig, "--epochs", field="epochs", type=float)
+@field_option(TrainConfig, "--batch-size", field="batch_size", type=int)
+@field_option(TrainConfig, "--grad-accumulation", field="grad_accumulation", type=int)
+@field_option(TrainConfig, "--lr", field="learning_rate", type=float)
+@field_option(TrainConfig, "--lr-schedule", field="lr_schedule", type=click.Choice(SCHEDULES))
+@field_option(TrainConfig, "--warmup-ratio", field="warmup_ratio", type=float)
+@field_option(TrainConfig, "--weight-decay", field="weight_decay", type=float)
+@field_option(TrainConfig, "--rank", field="lora_rank", type=int)
+@field_option(TrainConfig, "--lora-alpha", field="lora_alpha", type=float)
+@field_option(TrainConfig, "--lora-dropout", field="lora_dropout", type=float)
+@field_option(TrainConfig, "--target-modules", field="target_modules", multiple=True)
+@field_option(TrainConfig, "--max-seq-len", field="max_seq_len", type=int)
+@field_option(TrainConfig, "--bf16", field="bf16", type=click.Choice(["auto", "on", "off"]))
+@field_option(TrainConfig, "--eval-steps", field="eval_steps", type=int)
+@field_option(TrainConfig, "--max-eval-examples", field="max_eval_examples", type=int)
+@field_option(TrainConfig, "--save-steps", field="save_steps", type=int)
+@field_option(TrainConfig, "--logging-steps", field="logging_steps", type=int)
+@field_option(TrainConfig, "--seed", field="seed", type=int)
+@field_option(TrainConfig, "--drop-system-prompt", field="drop_system_prompt", is_flag=True)
+@field_option(TrainConfig, "--short-system-prompt", field="short_system_prompt", metavar="TEXT")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue an interrupted training of PATH from its last checkpoint (same settings but for "
                    "its length); --no-resume discards it and starts over.")
