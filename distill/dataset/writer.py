@@ -8,11 +8,8 @@ leaves only a ``.building-*`` folder, which is never taken for a version.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,10 +20,9 @@ import pyarrow.parquet as pq
 
 from distill.dataset.filters import normalized_input
 from distill.dataset.source import Example
+from distill.versions import publish
 
-MANIFEST = "manifest.json"
 SPLITS = ("train", "eval")
-_VERSION = re.compile(r"v(\d+)")
 
 SCHEMA = pa.schema([
     pa.field("example_id", pa.string(), nullable=False),
@@ -47,12 +43,6 @@ def example_id(example: Example) -> str:
     return hashlib.sha256(normalized_input(example.input_messages).encode()).hexdigest()[:16]
 
 
-def versions(root: Path) -> list[int]:
-    """Existing version numbers of a path's datasets, ascending."""
-    found = (_VERSION.fullmatch(p.name) for p in root.iterdir()) if root.is_dir() else ()
-    return sorted(int(m[1]) for m in found if m)
-
-
 def write_dataset(root: Path, splits: dict[str, list[Example]], manifest: dict[str, Any],
                   exports: tuple[str, ...] = ()) -> Path:
     """Write one new version; returns its folder. ``manifest`` gains ``version`` and ``files``."""
@@ -62,24 +52,10 @@ def write_dataset(root: Path, splits: dict[str, list[Example]], manifest: dict[s
         files = {f"{name}.parquet": _write_parquet(temp / f"{name}.parquet", rows) for name, rows in splits.items()}
         if "openai-jsonl" in exports:
             files.update({f"{name}.jsonl": _write_jsonl(temp / f"{name}.jsonl", rows) for name, rows in splits.items()})
-        return _publish(temp, root, {**manifest, "files": files})
+        return publish(temp, root, {**manifest, "files": files})[0]
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-
-
-def _publish(temp: Path, root: Path, manifest: dict[str, Any]) -> Path:
-    """Rename the finished folder to the next free ``vN`` (another build may take one first)."""
-    number = (versions(root) or [0])[-1] + 1
-    while True:
-        _write_json(temp / MANIFEST, {"version": f"v{number}", **manifest})
-        try:
-            os.rename(temp, root / f"v{number}")
-            return root / f"v{number}"
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            number += 1
 
 
 def _write_parquet(path: Path, examples: list[Example]) -> dict[str, Any]:
@@ -113,7 +89,3 @@ def openai_chat_lines(examples: list[Example]) -> Iterator[dict[str, Any]]:
 
 def _file_facts(path: Path, rows: int) -> dict[str, Any]:
     return {"rows": rows, "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")

@@ -20,10 +20,8 @@ on every step.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import platform
 import re
 import shlex
@@ -40,9 +38,10 @@ from transformers import TrainerCallback
 
 from arbitrage.errors import ConfigError
 from distill.base import BaseModel, default_models_dir, resolve_base
-from distill.dataset.writer import MANIFEST, versions
 from distill.training.config import TrainConfig
 from distill.training.data import ChatEncoder, EncodedSplit, encode_split, read_split
+from distill.versions import MANIFEST, versions, write_json
+from distill.versions import publish as publish_version
 
 CONFIG_FILE = "train_config.json"
 CHECKPOINTS = "checkpoints"
@@ -230,7 +229,7 @@ def choose_precision(cfg: TrainConfig, model, base: BaseModel, cache_file: Path)
         cache[key] = {"tokens_per_s": {mode: round(measure_speed(model, mode == "bf16"), 1)
                                        for mode in ("fp32", "bf16")},
                       "batch": list(SPEED_BATCH), "measured_at": datetime.now(UTC).isoformat()}
-        _write_json(cache_file, cache)
+        write_json(cache_file, cache)
     speed = cache[key]["tokens_per_s"]
     return {"bf16": speed["bf16"] > speed["fp32"], "setting": "auto", "measured": cache[key], "machine": key}
 
@@ -384,19 +383,9 @@ def _step_of(checkpoint: str | None) -> int | None:
 
 def publish(run: Run, root: Path, adapter: Path, manifest: dict[str, Any]) -> TrainResult:
     """Rename the finished adapter to ``vM`` (the next free number if another run took it)."""
-    number = run.number
-    while True:
-        manifest = {"version": f"v{number}", **manifest, "files": _file_hashes(adapter)}
-        _write_json(adapter / MANIFEST, manifest)
-        try:
-            os.rename(adapter, root / f"v{number}")
-            break
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            number = max(versions(root)) + 1
+    folder, manifest = publish_version(adapter, root, {**manifest, "files": _file_hashes(adapter)}, run.number)
     shutil.rmtree(run.folder, ignore_errors=True)
-    return TrainResult(root / f"v{number}", manifest)
+    return TrainResult(folder, manifest)
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
@@ -412,13 +401,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}")
-    temp.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
-    os.replace(temp, path)
 
 
 def _version(name: str) -> str | None:
