@@ -23,11 +23,11 @@ CALLS_COLUMNS = [
     "request_id", "ts", "key_id", "path", "endpoint", "model", "upstream", "response_model", "served_by",
     "route_reason", "status_code", "error_type", "stream", "prompt_tokens", "cached_tokens", "completion_tokens",
     "cost_usd", "counterfactual_cost_usd", "priced", "latency_ms", "ttft_ms", "upstream_attempts", "request",
-    "response",
+    "response", "adapter", "confidence", "local_latency_ms",
 ]
 DUCKDB_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
                 pa.bool_(): "BOOLEAN", pa.timestamp("us", tz="UTC"): "TIMESTAMP WITH TIME ZONE"}
-ADD_SCORE = Migration("0002_add_router_score", "calls", (("router_score", pa.float64()),))
+ADD_SCORE = Migration("0099_add_router_score", "calls", (("router_score", pa.float64()),))
 SETTINGS = CaptureSettings(fsync="never")
 
 
@@ -72,8 +72,8 @@ def lines(*records: dict) -> bytes:
 
 
 def test_migrating_an_empty_store_records_the_first_migration(tmp_path):
-    assert migrate(tmp_path / "data") == ["0001_create_calls"]
-    assert applied(tmp_path / "data") == ["0001_create_calls"]
+    assert migrate(tmp_path / "data") == [m.name for m in MIGRATIONS]
+    assert applied(tmp_path / "data") == [m.name for m in MIGRATIONS]
 
 
 def test_calls_view_has_exactly_the_schema_columns(tmp_path):
@@ -119,9 +119,9 @@ def test_unknown_table_is_a_migration_error():
 def test_later_migration_applies_in_order_and_keeps_earlier_dates(tmp_path):
     migrate(tmp_path)
     first = json.loads((tmp_path / migrations.SCHEMA_FILE).read_text())["migrations"][0]
-    assert migrate(tmp_path, MIGRATIONS + (ADD_SCORE,)) == ["0002_add_router_score"]
+    assert migrate(tmp_path, MIGRATIONS + (ADD_SCORE,)) == ["0099_add_router_score"]
     recorded = json.loads((tmp_path / migrations.SCHEMA_FILE).read_text())["migrations"]
-    assert [m["name"] for m in recorded] == ["0001_create_calls", "0002_add_router_score"]
+    assert [m["name"] for m in recorded] == [m.name for m in MIGRATIONS] + ["0099_add_router_score"]
     assert recorded[0] == first
 
 
@@ -189,7 +189,7 @@ def test_unknown_record_fields_are_ignored(store):
 def test_active_segment_is_not_compacted(store):
     store.append("calls", record("r1"))
     assert store.compact().segments == 0
-    assert len(files(store.data_dir, "*.jsonl")) == 1
+    assert len(files(store.data_dir / "calls", "*.jsonl")) == 1
     assert files(store.data_dir, "*.parquet") == []
     assert rows(store.data_dir) == [("r1",)]
 

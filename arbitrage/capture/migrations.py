@@ -68,6 +68,35 @@ MIGRATIONS: tuple[Migration, ...] = (
             ("response", pa.string()),
         ),
     ),
+    Migration(
+        "0002_calls_local_route",
+        "calls",
+        (
+            ("adapter", pa.string()),          # adapter version that answered or was tried (path/vN)
+            ("confidence", pa.float64()),      # the local answer's confidence score, when one was computed
+            ("local_latency_ms", pa.float64()),  # time spent on the local model (also when it fell back)
+        ),
+    ),
+    Migration(
+        "0003_create_shadow",
+        "shadow",
+        (
+            ("shadow_id", pa.string()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("request_id", pa.string()),       # the client request this comparison belongs to
+            ("path", pa.string()),
+            ("adapter", pa.string()),
+            ("kind", pa.string()),             # shadow (upstream served, local asked too) | audit (the reverse)
+            ("comparator", pa.string()),
+            ("upstream_answer", pa.string()),
+            ("local_answer", pa.string()),
+            ("confidence", pa.float64()),
+            ("agreed", pa.bool_()),
+            ("cost_usd", pa.float64()),        # what the extra call cost (upstream price for audits)
+            ("latency_ms", pa.float64()),
+            ("error", pa.string()),            # why no comparison was possible, else NULL
+        ),
+    ),
 )
 
 
