@@ -13,6 +13,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+CONFIDENCE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
 OTHER = "other"
 
 
@@ -68,6 +69,38 @@ class Metrics:
                                            "Journal bytes not yet compacted into Parquet.", registry=r)
         self.capture_backlog_segments = Gauge("arbitrage_capture_backlog_segments",
                                               "Journal segments not yet compacted into Parquet.", registry=r)
+
+        # Local route (served_by: upstream | local | fallback; fallback = tried locally, answered upstream)
+        self.fallbacks = Counter("arbitrage_fallbacks", "Requests tried locally and answered upstream, by reason.",
+                                 ["path", "reason"], registry=r)
+        self.confidence = Histogram("arbitrage_local_confidence", "Confidence of local answers.",
+                                    ["path"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.saved = Counter("arbitrage_saved_usd", "Counterfactual minus actual dollars of locally served requests.",
+                             ["path"], registry=r)
+        self.shadow_cost = Counter("arbitrage_shadow_cost_usd", "Dollars spent on shadow and audit calls.",
+                                   ["path", "kind"], registry=r)
+        self.comparisons = Counter("arbitrage_shadow_comparisons", "Shadow and audit comparisons, by outcome.",
+                                   ["path", "kind", "agreed"], registry=r)
+        self.shadow_dropped = Counter("arbitrage_shadow_dropped", "Shadow or audit work dropped, by reason.",
+                                      ["path", "reason"], registry=r)
+        self.share = Gauge("arbitrage_local_share_percent", "Configured share of a path's requests tried locally.",
+                           ["path"], registry=r)
+        self.mode = Gauge("arbitrage_route_mode", "1 for the path's routing mode.", ["path", "mode"], registry=r)
+        self.agreement = Gauge("arbitrage_agreement_ratio", "Agreement over the path's recent comparisons.",
+                               ["path"], registry=r)
+        self.agreement_lower = Gauge("arbitrage_agreement_lower_bound",
+                                     "Wilson lower bound of the recent agreement.", ["path"], registry=r)
+        self.agreement_target = Gauge("arbitrage_agreement_target", "Agreement the ramp needs to raise the share.",
+                                      ["path"], registry=r)
+        self.agreement_floor = Gauge("arbitrage_agreement_floor", "Agreement below which the ramp rolls back.",
+                                     ["path"], registry=r)
+        self.ramp_decisions = Counter("arbitrage_ramp_decisions", "Ramp controller decisions, by action.",
+                                      ["path", "action"], registry=r)
+        self.distill_cost = Gauge("arbitrage_distill_cost_usd",
+                                  "One-time cost of the path's serving adapter (teacher dollars + training compute).",
+                                  ["path"], registry=r)
+        self.local_up = Gauge("arbitrage_local_up", "1 while the local model server answers its health check.",
+                              registry=r)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
