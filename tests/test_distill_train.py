@@ -32,17 +32,6 @@ FAST = {"batch_size": 2, "grad_accumulation": 1, "max_seq_len": 128}
 
 
 @pytest.fixture(scope="session")
-def models_dir(tmp_path_factory) -> Path:
-    """Prepared base models: $ARBITRAGE_MODEL_CACHE when set (reused across sessions), else per session."""
-    return Path(os.environ.get(CACHE_ENV) or tmp_path_factory.getbasetemp() / "models")
-
-
-@pytest.fixture(scope="session")
-def base_folder(models_dir) -> Path:
-    return prepare_base(models_dir, "pytest")
-
-
-@pytest.fixture(scope="session")
 def tokenizer(base_folder):
     from transformers import AutoTokenizer
 

@@ -1,0 +1,1 @@
+"""How arbitrage runs: the local model server (vLLM) and the deployment files beside this package."""
