@@ -13,6 +13,7 @@ from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, friendly_error
 from arbitrage.config import load_config
 from distill.build_command import distill
 from distill.paths_command import paths
+from distill.roi_command import roi
 from distill.train_command import base as distill_base
 from distill.train_command import train as distill_train
 from simulator.cli import sim
@@ -132,6 +133,7 @@ def _terminal_width() -> int:
 
 main.add_command(sim)
 main.add_command(paths)
+main.add_command(roi)
 distill.add_command(distill_base)
 distill.add_command(distill_train)
 main.add_command(distill)

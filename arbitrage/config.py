@@ -129,6 +129,24 @@ class MetricsSettings(_Section):
     """Distinct call paths used as label values; later ones are counted as "other"."""
 
 
+class EconomicsSettings(_Section):
+    """Prices of your own compute, for ``arbitrage roi`` (unset prices are reported as missing, never guessed)."""
+
+    training_usd_per_hour: float | None = None
+    """Dollars per hour of the machine that trains adapters (times the measured training time)."""
+    serving_usd_per_hour: float | None = None
+    """Dollars per hour of the always-on local model server (GPU or CPU machine)."""
+    serving_usd_per_mtok: float | None = None
+    """Dollars per million tokens served locally (instead of serving_usd_per_hour)."""
+
+    def __post_init__(self) -> None:
+        if self.serving_usd_per_hour is not None and self.serving_usd_per_mtok is not None:
+            raise ValueError("economics: set serving_usd_per_hour or serving_usd_per_mtok, not both")
+        prices = (self.training_usd_per_hour, self.serving_usd_per_hour, self.serving_usd_per_mtok)
+        if any(p is not None and p < 0 for p in prices):
+            raise ValueError("economics: prices must be >= 0")
+
+
 class Config(_Section):
     """The whole configuration."""
 
@@ -137,6 +155,7 @@ class Config(_Section):
     prices: dict[str, PriceOverride] = msgspec.field(default_factory=dict)
     capture: CaptureSettings = msgspec.field(default_factory=CaptureSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    economics: EconomicsSettings = msgspec.field(default_factory=EconomicsSettings)
 
     def __post_init__(self) -> None:
         names = [u.name for u in self.upstreams]
