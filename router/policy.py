@@ -25,6 +25,7 @@ only when its confidence clears ``threshold`` and the output check passes.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import Any, Literal
 
 import msgspec
@@ -33,6 +34,7 @@ from msgspec import structs
 from arbitrage.errors import ConfigError
 from router.comparators import comparator_names
 from router.confidence import scorer_names
+from router.output import OutputCheck, compile_schema
 
 Mode = Literal["off", "shadow", "canary", "local"]
 
@@ -118,7 +120,7 @@ def _check_steps(steps: list[float]) -> None:
     bad = [s for s in steps if not 0.0 < s <= 100.0]
     if bad:
         raise PolicyError(f"ramp.steps must each be within (0, 100], got {bad[0]}")
-    if any(b <= a for a, b in zip(steps, steps[1:])):
+    if any(b <= a for a, b in pairwise(steps)):
         raise PolicyError(f"ramp.steps must be strictly increasing, got {steps}")
 
 
@@ -139,7 +141,8 @@ class RoutePolicy(_Strict):
     comparator: ComparatorSpec = msgspec.field(default_factory=ComparatorSpec)
     """How shadow and audit comparisons decide agreement."""
     output: Literal["json", "text"] = "text"
-    """Output check of a local answer: json (must parse, and match json_schema if set) or text."""
+    """Output check of a local answer: json (must parse, and match json_schema if set) or text
+    (any non-empty answer). A failed check falls back upstream."""
     json_schema: dict[str, Any] | None = None
     """JSON Schema a local answer must match (needs output = "json")."""
     shadow_rate: float = 0.1
@@ -161,6 +164,11 @@ class RoutePolicy(_Strict):
             raise PolicyError(f"confidence: unknown scorer {self.confidence!r} (known: {', '.join(scorer_names())})")
         if self.json_schema is not None and self.output != "json":
             raise PolicyError('json_schema needs output = "json"')
+        if self.json_schema is not None:
+            try:
+                compile_schema(self.json_schema)
+            except ConfigError as exc:
+                raise PolicyError(str(exc)) from None
 
     def _check_ranges(self) -> None:
         if not 0.0 <= self.share <= 100.0:
@@ -178,6 +186,10 @@ class RoutePolicy(_Strict):
             raise PolicyError(f"share must be 0 in shadow mode (upstream serves everything), got {self.share}")
         if self.mode == "local" and self.share == 0:
             structs.force_setattr(self, "share", 100.0)
+
+    def output_check(self) -> OutputCheck:
+        """The output check of this policy (build once per policy: it compiles the schema)."""
+        return OutputCheck(self.output, self.json_schema)
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "route policy") -> RoutePolicy:
