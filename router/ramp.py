@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
+from router.comparators import Comparison
 from router.policy import Mode, RoutePolicy
 from router.stats import AgreementWindow, wilson
 
@@ -117,6 +118,13 @@ class RampController:
     def record(self, agreed: bool) -> None:
         """Add one comparison outcome."""
         self.window.add(agreed)
+
+    def record_comparison(self, comparison: Comparison) -> bool:
+        """Add a comparator's result; one whose upstream answer could not be judged
+        (``comparable`` false) is no evidence and is skipped. True when it was counted."""
+        if comparison.comparable:
+            self.window.add(comparison.agreed)
+        return comparison.comparable
 
     def step(self) -> RampDecision:
         """Decide on the evidence so far; on a change, adopt the new policy and reset the window."""

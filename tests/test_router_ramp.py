@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from router.comparators import Comparison
 from router.policy import RampSettings, RoutePolicy
 from router.ramp import RampController, next_share
 
@@ -94,3 +95,10 @@ def test_controller_evidence_restarts_on_a_manual_share_change():
     assert controller.window.n == 1
     controller.set_policy(policy(share=10))
     assert controller.window.n == 0
+
+
+def test_controller_skips_comparisons_the_upstream_answer_made_impossible():
+    controller = RampController(policy(share=5))
+    assert controller.record_comparison(Comparison(False, "upstream answer is not JSON", comparable=False)) is False
+    assert controller.record_comparison(Comparison(False, "values differ")) is True
+    assert (controller.window.n, controller.window.agreed) == (1, 0)
