@@ -65,16 +65,89 @@ def _keystore(config_path, data_dir):
     return KeyStore(load_config(config_path, data_dir=data_dir).data_dir)
 
 
+class _Limit(click.ParamType):
+    """A positive number, or "none" (returned as ``_NO_LIMIT``) to remove the limit."""
+
+    name = "AMOUNT|none"
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+    def convert(self, value, param, ctx):
+        if value is _NO_LIMIT or str(value).lower() == "none":
+            return _NO_LIMIT
+        try:
+            number = self.kind(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a {self.kind.__name__} (or 'none')", param, ctx)
+        if number <= 0:
+            self.fail(f"{value!r} must be greater than 0 (or 'none' for no limit)", param, ctx)
+        return number
+
+
+_NO_LIMIT = object()
+
+
+def key_limit_options(command):
+    """The role and limit options shared by ``keys create`` and ``keys set``."""
+    options = [
+        click.option("--role", type=click.Choice(["client", "metrics", "admin"]), default=None,
+                     help="client: the OpenAI endpoints; metrics: only /metrics; admin: everything. [create: client]"),
+        click.option("--admin", is_flag=True, default=False, help="Same as --role admin."),
+        click.option("--budget-usd-day", type=_Limit(float), default=None,
+                     help="Dollars this key may spend per UTC day ('none': no limit)."),
+        click.option("--budget-usd-month", type=_Limit(float), default=None,
+                     help="Dollars this key may spend per UTC calendar month ('none': no limit)."),
+        click.option("--rpm", type=_Limit(int), default=None,
+                     help="Requests per minute (token bucket; 'none': no limit)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _key_changes(role, admin, **limits) -> dict:
+    changes = {k: None if v is _NO_LIMIT else v for k, v in limits.items() if v is not None}
+    if admin or role:
+        changes["role"] = "admin" if admin else role
+    return changes
+
+
+def _describe(entry) -> str:
+    limits = [f"{label} {value}" for label, value in (("$/day", entry.budget_usd_day), ("$/month", entry.budget_usd_month),
+                                                     ("rpm", entry.rpm)) if value is not None]
+    return f"{entry.id}\t{entry.name}\t{entry.role}\t{', '.join(limits) or 'no limits'}\t{entry.created_at}"
+
+
 @keys.command("create")
 @click.argument("name")
+@key_limit_options
 @CONFIG_OPTION
 @DATA_DIR_OPTION
 @friendly_errors
-def keys_create(name, config_path, data_dir) -> None:
+def keys_create(name, role, admin, budget_usd_day, budget_usd_month, rpm, config_path, data_dir) -> None:
     """Create a key named NAME and print it (only this once)."""
-    entry, secret = _keystore(config_path, data_dir).create(name)
-    click.echo(f"created key {entry.id} ({entry.name}); it is shown only now:", err=True)
+    from arbitrage.keys import KeyLimits
+
+    limits = KeyLimits(**_key_changes(role, admin, budget_usd_day=budget_usd_day, budget_usd_month=budget_usd_month,
+                                      rpm=rpm))
+    entry, secret = _keystore(config_path, data_dir).create(name, limits)
+    click.echo(f"created {entry.role} key {entry.id} ({entry.name}); it is shown only now:", err=True)
     click.echo(secret)
+
+
+@keys.command("set")
+@click.argument("name")
+@key_limit_options
+@CONFIG_OPTION
+@DATA_DIR_OPTION
+@friendly_errors
+def keys_set(name, role, admin, budget_usd_day, budget_usd_month, rpm, config_path, data_dir) -> None:
+    """Change the role or limits of the key named NAME (the gateway applies them within a second)."""
+    changes = _key_changes(role, admin, budget_usd_day=budget_usd_day, budget_usd_month=budget_usd_month, rpm=rpm)
+    if not changes:
+        raise click.UsageError("nothing to change: give --role, --admin, --budget-usd-day, --budget-usd-month or --rpm")
+    click.echo(_describe(_keystore(config_path, data_dir).update(name, **changes)))
 
 
 @keys.command("list")
@@ -82,9 +155,9 @@ def keys_create(name, config_path, data_dir) -> None:
 @DATA_DIR_OPTION
 @friendly_errors
 def keys_list(config_path, data_dir) -> None:
-    """List keys (ids and names, never the keys)."""
+    """List keys: id, name, role, limits, creation time (never the keys)."""
     for entry in _keystore(config_path, data_dir).entries():
-        click.echo(f"{entry.id}\t{entry.name}\t{entry.created_at}")
+        click.echo(_describe(entry))
 
 
 @keys.command("revoke")

@@ -9,10 +9,12 @@ Tree::
     └── APIError                    becomes an OpenAI-shaped JSON error response
         ├── InvalidRequestError     400  malformed JSON, wrong types, bad header
         ├── AuthenticationError     401  missing or unknown gateway key
+        ├── PermissionDeniedError   403  the key's role does not allow this endpoint
         ├── NotFoundError           404  unknown endpoint
         ├── MethodNotAllowedError   405  known endpoint, wrong method
         ├── PayloadTooLargeError    413  body over the configured limit
-        ├── RateLimitError          429  (upstream status is relayed as it is)
+        ├── RateLimitError          429  the key's request rate limit (upstream 429s are relayed as they are)
+        │   └── BudgetExceededError 429  the key's daily or monthly spend budget is used up
         ├── ClientDisconnectedError 499  the client left before the answer (nginx's code)
         └── UpstreamError           502  upstream unreachable or broken
             └── UpstreamTimeoutError 504 upstream did not answer in time
@@ -22,6 +24,8 @@ that turns it into a response is ``gateway.errors.api_error_response``.
 """
 
 from __future__ import annotations
+
+import math
 
 
 class ArbitrageError(Exception):
@@ -74,6 +78,11 @@ class AuthenticationError(APIError):
     error_type = "authentication_error"
 
 
+class PermissionDeniedError(APIError):
+    status_code = 403
+    error_type = "permission_denied"
+
+
 class NotFoundError(APIError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -92,6 +101,20 @@ class PayloadTooLargeError(APIError):
 class RateLimitError(APIError):
     status_code = 429
     error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str] | None:
+        """``Retry-After`` in whole seconds (rounded up), when known."""
+        if self.retry_after_s is None:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class BudgetExceededError(RateLimitError):
+    error_type = "insufficient_quota"  # what OpenAI answers when an account's quota is used up
 
 
 class ClientDisconnectedError(APIError):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
-from litestar.openapi import OpenAPIConfig
 
 from arbitrage.config import Config
+from gateway.auth import require_metrics
 from gateway.chat.routes import chat_completions
 from gateway.completions.routes import completions
 from gateway.embeddings.routes import embeddings
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.models.routes import list_models, retrieve_model
+from gateway.openapi import openapi_config
 from gateway.service import Gateway
 
 
@@ -21,9 +22,9 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8")
+@get("/metrics", media_type="text/plain; version=0.0.4; charset=utf-8", guards=[require_metrics])
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics in the text exposition format."""
+    """Prometheus metrics in the text exposition format (a ``metrics`` or ``admin`` key as the bearer)."""
     return Response(request.app.state.gateway.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
 
@@ -32,9 +33,9 @@ def create_app(config: Config) -> Litestar:
     gateway = Gateway(config)
     return Litestar(
         route_handlers=[chat_completions, completions, embeddings, list_models, retrieve_model, healthz, metrics],
-        lifespan=[gateway.lifespan],
+        lifespan=[gateway.lifespan, gateway.quotas.lifespan],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.gateway.max_body_bytes,
         state=State({"gateway": gateway}),
-        openapi_config=OpenAPIConfig(title="arbitrage gateway", version="0.1.0", path="/openapi"),
+        openapi_config=openapi_config(),
     )

@@ -7,7 +7,8 @@ import logging
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from arbitrage.errors import APIError, InvalidRequestError, MethodNotAllowedError, NotFoundError, PayloadTooLargeError
+from arbitrage.errors import (APIError, InvalidRequestError, MethodNotAllowedError, NotFoundError, PayloadTooLargeError,
+                              RateLimitError)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def _from_http_exception(exc: HTTPException) -> APIError:
 
 
 def handle_api_error(_: Request, exc: APIError) -> Response:
-    return api_error_response(exc)
+    return api_error_response(exc, exc.headers() if isinstance(exc, RateLimitError) else None)
 
 
 def handle_http_exception(_: Request, exc: HTTPException) -> Response:

@@ -91,6 +91,7 @@ class Proxy:
         self.store = store
         self.prices = prices
         self.metrics = metrics
+        self.on_spend: Callable[[str, float | None], None] = lambda key_id, cost_usd: None
 
     async def unary(self, call: Call, upstream: Upstream, headers: dict[str, str], body: bytes) -> Response:
         """Forward a non-streaming call; relay the upstream body as it is."""
@@ -216,6 +217,7 @@ class Proxy:
         prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         cost = self._cost(call, upstream, outcome, prompt, cached, completion)
+        self.on_spend(call.key_id, cost)
         record = {
             "request_id": call.request_id, "ts": call.ts, "key_id": call.key_id, "path": call.path,
             "endpoint": call.endpoint, "model": call.model, "upstream": upstream.name,

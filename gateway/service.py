@@ -23,6 +23,7 @@ from arbitrage.errors import ConfigError, InvalidRequestError, NotFoundError, Up
 from arbitrage.keys import KeyStore
 from arbitrage.pricing import PriceBook
 from gateway.auth import Authenticator
+from gateway.limits import Quotas
 from gateway.metrics import Metrics
 from gateway.paths import METADATA_KEY, PATH_HEADER, derived_path, explicit_path
 from gateway.proxy import Call, Proxy, StreamAssembler
@@ -73,6 +74,8 @@ class Gateway:
         self.auth = Authenticator(self.keys, config.gateway.dev)
         self.store = CaptureStore(config.data_dir, config.capture)
         self.proxy = Proxy(self.store, PriceBook(config.prices), self.metrics)
+        self.quotas = Quotas(config.data_dir)
+        self.proxy.on_spend = self.quotas.spend
         self.pool = UpstreamPool([])
         self._background: asyncio.Task | None = None
 
@@ -102,7 +105,9 @@ class Gateway:
 
     async def handle(self, request: Request, endpoint: Endpoint) -> Response:
         """Serve one proxied OpenAI call."""
-        key_id = self.auth.authenticate(request.headers.get("authorization"))
+        key = self.auth.identify(request.headers.get("authorization"))
+        self.quotas.admit(key)
+        key_id = key.id
         body = await request.body()
         parsed = _decode(body, endpoint.request_type)
         named = explicit_path(request.headers.get(PATH_HEADER), parsed.metadata)

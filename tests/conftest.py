@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -49,6 +50,7 @@ class Gateway:
     process: ServerProcess
     data_dir: Path
     key: str
+    metrics_key: str
 
     @property
     def base_url(self) -> str:
@@ -59,6 +61,12 @@ class Gateway:
 
     def async_client(self, **kwargs) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.base_url, api_key=self.key, max_retries=0, **kwargs)
+
+    def metrics(self) -> str:
+        """The ``/metrics`` text, scraped with the metrics key as Prometheus does."""
+        response = httpx.get(self.process.url + "/metrics", headers={"Authorization": f"Bearer {self.metrics_key}"})
+        response.raise_for_status()
+        return response.text
 
     def rows(self, query: str) -> list[dict]:
         """Rows of a query over the capture views, through the real ``arbitrage sql --json``."""
@@ -82,10 +90,11 @@ def gw(sim, tmp_path_factory) -> Gateway:
     tmp = tmp_path_factory.mktemp("gateway")
     data_dir = tmp / "data"
     key = arbitrage("keys", "create", "tests", "--data-dir", str(data_dir)).stdout.strip()
+    metrics_key = arbitrage("keys", "create", "prometheus", "--role", "metrics", "--data-dir", str(data_dir)).stdout.strip()
     config = tmp / "arbitrage.toml"
     config.write_text(GATEWAY_CONFIG.format(sim=sim.url))
     process = gateway(tmp, data_dir, config=config, env={"OPENAI_API_KEY": UPSTREAM_KEY}).start()
-    yield Gateway(process, data_dir, key)
+    yield Gateway(process, data_dir, key, metrics_key)
     process.stop()
 
 

@@ -154,7 +154,7 @@ def test_stream_cut_off_is_an_error_not_a_clean_end(gw):
 
 def test_metrics_count_requests_tokens_and_dollars(gw):
     create(gw.client(default_headers={"X-Arbitrage-Path": "metrics-path"}))
-    text = httpx.get(gw.process.url + "/metrics").text
+    text = gw.metrics()
     assert 'arbitrage_requests_total{endpoint="chat.completions",path="metrics-path",served_by="upstream",' \
            'status_class="2xx"} 1.0' in text
     assert 'arbitrage_cost_usd_total{path="metrics-path",served_by="upstream"}' in text
@@ -169,5 +169,5 @@ def test_no_key_in_captured_data_logs_or_metrics(gw, secret):
     key = gw.key if secret == "gateway key" else UPSTREAM_KEY
     files = [p for p in gw.data_dir.rglob("*") if p.is_file()]
     assert files and not any(key.encode() in p.read_bytes() for p in files)
-    assert key not in httpx.get(gw.process.url + "/metrics").text
+    assert key not in gw.metrics()
     assert key not in gw.process.log.read_text()
