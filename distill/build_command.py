@@ -41,12 +41,20 @@ def distill() -> None:
 @field_option(BuildConfig, "--near-duplicate-threshold", field="near_duplicate_threshold", type=float)
 @field_option(BuildConfig, "--eval-fraction", field="eval_fraction", type=float)
 @field_option(BuildConfig, "--seed", field="seed", type=int)
+@field_option(BuildConfig, "--synthesize", field="synthesize", type=int, metavar="N")
+@field_option(BuildConfig, "--synthesize-per-call", field="synthesize_per_call", type=int)
+@field_option(BuildConfig, "--synthesize-shots", field="synthesize_shots", type=int)
+@field_option(BuildConfig, "--synthesize-temperature", field="synthesize_temperature", type=float)
+@field_option(BuildConfig, "--synthesize-max-tokens", field="synthesize_max_tokens", type=int)
 @field_option(BuildConfig, "--max-examples", field="max_examples", type=int)
 @field_option(BuildConfig, "--export", field="export", type=click.Choice(EXPORT_FORMATS), multiple=True)
 @friendly_errors
 def build(config_path, data_dir, **options) -> None:
     """Build the next version of PATH's training set: DATA_DIR/datasets/PATH/vN/ with train and
-    eval Parquet and a manifest. Its folder is printed on stdout."""
+    eval Parquet and a manifest. Its folder is printed on stdout.
+
+    Synthetic examples (--synthesize) are marked source=synthetic and go to the train split only,
+    so evaluation stays on real traffic."""
     from arbitrage.config import load_config
     from distill.dataset.build import build as build_dataset
 
@@ -63,17 +71,17 @@ def build(config_path, data_dir, **options) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, budget_usd: float) -> Iterator[Progress]:
-    """A progress bar on stderr with the dollars spent against the budget."""
+def progress_bar(description: str, total: int, budget_usd: float) -> Iterator[Progress]:
+    """A progress bar on stderr with the dollars spent in this run against the budget."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.progress import Progress as Bar
 
-    columns = (TextColumn("relabelling"), BarColumn(), MofNCompleteColumn(),
+    columns = (TextColumn(description), BarColumn(), MofNCompleteColumn(),
                TextColumn("${task.fields[spent]:.6f} of ${task.fields[budget]:g}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Bar(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("relabel", total=total, spent=0.0, budget=budget_usd)
+        task = bar.add_task(description, total=total, spent=0.0, budget=budget_usd)
         yield lambda done, spent: bar.update(task, completed=done, spent=spent)
 
 
@@ -83,8 +91,10 @@ def report(manifest: dict, folder) -> None:
     click.echo(f"dataset {manifest['path']} {manifest['version']}: {split['train']} train, {split['eval']} eval",
                err=True)
     click.echo("filters: " + ", ".join(f"{name} {n}" for name, n in manifest["filters"].items()), err=True)
-    if teacher:
+    if teacher and manifest["config"]["relabel"]:
         report_teacher(teacher, manifest["dollars"], manifest["filters"])
+    if manifest["synthesis"]:
+        report_synthesis(manifest["synthesis"], manifest["dollars"])
     click.echo(str(folder))
 
 
@@ -100,6 +110,23 @@ def report_teacher(teacher: dict, dollars: dict, counts: dict) -> None:
                    f"up to ${teacher['next_call_bound_usd']:.6f} (a smaller --max-tokens lowers that); "
                    f"{counts['not_relabelled_budget']} inputs were not relabelled and are not in this dataset: "
                    f"re-run with a larger --budget-usd to add them (cached answers are not paid again)", err=True)
+
+
+def report_synthesis(synthesis: dict, dollars: dict) -> None:
+    counts, paid = synthesis["counts"], synthesis["dollars"]
+    click.echo(f"synthesis: {counts['kept']} of {counts['asked']} new inputs asked kept (train split only): "
+               + ", ".join(f"{name} {n}" for name, n in counts.items()), err=True)
+    click.echo(f"synthesis paid ${paid['generation_spent_usd']:.6f} for generation and "
+               f"${paid['labelling_spent_usd']:.6f} for labels (cached, paid before: "
+               f"${paid['generation_cached_usd'] + paid['labelling_cached_usd']:.6f})", err=True)
+    if synthesis["first_rejection"]:
+        click.echo(f"rejected generation output, e.g.: {synthesis['first_rejection']}", err=True)
+    if synthesis["stopped_by_budget"]:
+        click.echo(f"budget reached during synthesis: ${dollars['spent_this_run_usd']:.6f} of "
+                   f"${dollars['budget_usd']:g} spent, and the next call could cost up to "
+                   f"${synthesis['next_call_bound_usd']:.6f}; {counts['calls_not_made_budget']} generation calls "
+                   f"and {counts['not_labelled_budget']} labels were not made: re-run with a larger --budget-usd "
+                   f"to add them (cached calls are not paid again)", err=True)
 
 
 def command_line(ctx: click.Context) -> list[str]:

@@ -30,14 +30,14 @@ class BuildConfig(DocumentedFields):
     datasets_dir: str | None = _help("Where datasets are written [default: DATA_DIR/datasets].", default=None)
     relabel: bool = _help("Replace the captured answers by a teacher's answers to the same inputs.",
                           default=False)
-    teacher_model: str | None = _help("Teacher model (served by an upstream of the config); needs --relabel.",
-                                      default=None)
+    teacher_model: str | None = _help(
+        "Teacher model (served by an upstream of the config); needs --relabel or --synthesize.", default=None)
     system_prompt_file: str | None = _help(
         "File with the teacher's strict system prompt; it replaces the app's system prompt for the "
         "teacher only (the dataset keeps the app's).", default=None)
     budget_usd: float | None = _help(
-        "Hard limit on dollars the teacher may cost in this run (answers already cached are free); "
-        "no call is started that could go over it.", default=None)
+        "Hard limit on dollars the teacher may cost in this run, relabelling, generation and labelling "
+        "together (answers already cached are free); no call is started that could go over it.", default=None)
     concurrency: int = _help("Teacher calls in flight at once.", default=8)
     max_tokens: int = _help("Longest teacher answer (max_completion_tokens), in tokens.", default=512)
     temperature: float = _help("Teacher sampling temperature.", default=0.0)
@@ -48,7 +48,19 @@ class BuildConfig(DocumentedFields):
         "Inputs whose character 5-gram Jaccard similarity to an earlier input reaches this are "
         "dropped as near duplicates (1.0: only same shingle sets).", default=0.8)
     eval_fraction: float = _help("Share of inputs put in the eval split (by a hash of the input).", default=0.1)
-    seed: int = _help("Salt of the split hash: another seed, another (still deterministic) split.", default=0)
+    seed: int = _help("Salt of the split hash and of the sample of inputs shown in generation calls: another "
+                      "seed, another (still deterministic) split and sample.", default=0)
+    synthesize: int | None = _help(
+        "Ask the teacher for N new inputs in the style of the captured ones, then label them as --relabel "
+        "does; near duplicates of existing inputs (and of each other) are dropped. Synthetic examples go to "
+        "the train split only, never to eval, so evaluation stays on real traffic.", default=None)
+    synthesize_per_call: int = _help("New inputs asked for in one generation call (as a JSON array).", default=5)
+    synthesize_shots: int = _help(
+        "Captured inputs shown as examples in each generation call (a deterministic sample, another per call).",
+        default=5)
+    synthesize_temperature: float = _help("Sampling temperature of generation calls (more than 0).", default=1.0)
+    synthesize_max_tokens: int = _help("Longest generation answer (max_completion_tokens), in tokens.",
+                                       default=1024)
     max_examples: int | None = _help("Use at most this many distinct inputs (the earliest captured).",
                                      default=None)
     export: tuple[str, ...] = _help("Also write the splits in these formats: openai-jsonl.", default=())
@@ -63,17 +75,25 @@ class BuildConfig(DocumentedFields):
         if unknown:
             raise ConfigError(f"unknown export format(s) {sorted(unknown)}; known: {', '.join(EXPORT_FORMATS)}")
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Relabelling or synthesis: the teacher is called."""
+        return self.relabel or self.synthesize is not None
+
     def _check_teacher_options(self) -> None:
-        if self.relabel:
+        if self.uses_teacher:
             missing = [flag for flag, value in (("--teacher-model", self.teacher_model),
                                                 ("--system-prompt-file", self.system_prompt_file),
                                                 ("--budget-usd", self.budget_usd)) if value is None]
             if missing:
-                raise ConfigError(f"--relabel needs {', '.join(missing)}")
+                raise ConfigError(f"{'--relabel' if self.relabel else '--synthesize'} needs {', '.join(missing)}")
         elif self.teacher_model or self.system_prompt_file or self.budget_usd is not None:
-            raise ConfigError("--teacher-model, --system-prompt-file and --budget-usd only apply with --relabel")
+            raise ConfigError("--teacher-model, --system-prompt-file and --budget-usd only apply with --relabel "
+                              "or --synthesize")
         if self.budget_usd is not None and not self.budget_usd > 0:
             raise ConfigError(f"--budget-usd must be more than 0, got {self.budget_usd}")
+        if self.synthesize is not None and self.synthesize < 1:
+            raise ConfigError(f"--synthesize asks for N new inputs: N must be at least 1, got {self.synthesize}")
 
     def _check_ranges(self) -> None:
         checks = (
@@ -83,6 +103,11 @@ class BuildConfig(DocumentedFields):
             (0 <= self.eval_fraction < 1, "--eval-fraction must be at least 0 and less than 1"),
             (0 < self.near_duplicate_threshold <= 1, "--near-duplicate-threshold must be in (0, 1]"),
             (self.max_examples is None or self.max_examples >= 1, "--max-examples must be at least 1"),
+            (self.synthesize_per_call >= 1, "--synthesize-per-call must be at least 1"),
+            (self.synthesize_shots >= 1, "--synthesize-shots must be at least 1"),
+            (self.synthesize_max_tokens >= 1, "--synthesize-max-tokens must be at least 1"),
+            (0 < self.synthesize_temperature <= 2, "--synthesize-temperature must be more than 0 (identical "
+             "prompts would give identical inputs) and at most 2"),
         )
         for ok, message in checks:
             if not ok:

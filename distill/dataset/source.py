@@ -31,7 +31,8 @@ _QUERY = """
 class Example:
     """One input with its answer (captured, or later the teacher's)."""
 
-    request_id: str
+    request_id: str | None
+    """The captured call's id (None for a synthetic input)."""
     input_messages: tuple[dict[str, str], ...]
     """The conversation without the system prompt: ``{"role", "content"}`` text messages."""
     system_prompt: str | None
@@ -42,6 +43,7 @@ class Example:
     answer_model: str | None = None
     cost_usd: float | None = None
     source: str = "captured"
+    """Where the input came from and who answered: captured, relabel or synthetic."""
     answer_key: str | None = None
     """The teacher cache key of a relabelled answer."""
 

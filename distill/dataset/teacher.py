@@ -1,4 +1,6 @@
-"""Relabelling: the captured inputs replayed through a teacher model, under a hard budget.
+"""Teacher calls under a hard budget: relabelling (the captured inputs replayed through the
+teacher) and, for ``synthesize``, any list of ``Call``s (whole conversations with their own
+parameters and content address).
 
 The teacher is any model an upstream of the gateway config serves (the first upstream whose
 ``models`` patterns match), called with the official ``openai`` client, whose own retries with
@@ -35,7 +37,16 @@ TOKENS_PER_MESSAGE_BOUND = 8
 """Framing tokens per chat message, generously (OpenAI's format adds 3-4)."""
 
 Progress = Callable[[int, float], None]
-"""Called with (inputs answered so far, dollars spent in this run)."""
+"""Called with (calls answered so far, dollars spent in this run)."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One teacher call: the whole conversation, its parameters and its content address."""
+
+    messages: tuple[dict[str, str], ...]
+    params: dict[str, Any]
+    key: str
 
 
 def find_upstream(config: Config, model: str) -> UpstreamSettings:
@@ -67,22 +78,35 @@ class Budget:
 
 
 @dataclass
-class RelabelResult:
-    """The teacher's answers to the inputs, and what they cost."""
+class TeacherRun:
+    """The answers to a list of calls (cache entries by call index), and what they cost."""
 
-    examples: list[Example] = field(default_factory=list)
-    """Relabelled examples, in input order (rejected and unasked inputs left out)."""
+    entries: dict[int, dict[str, Any]] = field(default_factory=dict)
     paid: int = 0
     cached: int = 0
     cached_usd: float = 0.0
     spent_usd: float = 0.0
     rejected: int = 0
+    """Calls the teacher refused as bad requests (400/422)."""
     first_rejection: str | None = None
-    not_relabelled: int = 0
-    """Inputs left unasked because the budget was reached."""
+    not_asked: int = 0
+    """Calls left unasked because the budget was reached."""
     stopped_by_budget: bool = False
     next_call_bound_usd: float | None = None
     """When stopped by the budget: the most the next call could have cost."""
+
+
+@dataclass
+class RelabelResult(TeacherRun):
+    """The teacher's answers to the inputs, and what they cost."""
+
+    examples: list[Example] = field(default_factory=list)
+    """Relabelled examples, in input order (rejected and unasked inputs left out)."""
+
+    @property
+    def not_relabelled(self) -> int:
+        """Inputs left unasked because the budget was reached."""
+        return self.not_asked
 
 
 class Teacher:
@@ -96,30 +120,39 @@ class Teacher:
             raise ConfigError(f"no price is known for teacher model {model!r}, so the budget cannot be kept: "
                               f"add [prices.\"{model}\"] to the config")
 
-    def key(self, example: Example) -> str:
-        return answer_key(self.model, self.system_prompt, list(example.input_messages), self.params)
+    def label_call(self, example: Example) -> Call:
+        """The call that labels one example: the strict system prompt, then the example's input."""
+        messages = ({"role": "system", "content": self.system_prompt}, *example.input_messages)
+        key = answer_key(self.model, self.system_prompt, list(example.input_messages), self.params)
+        return Call(messages, self.params, key)
 
-    def cost_bound(self, example: Example) -> float:
-        """The most one call for this example can cost."""
-        texts = [self.system_prompt, *(m["content"] for m in example.input_messages)]
-        prompt = sum(len(t.encode()) + TOKENS_PER_MESSAGE_BOUND for t in texts) + TOKENS_PER_MESSAGE_BOUND
-        return self._price(self.model, prompt, 0, self.params["max_completion_tokens"])
+    def cost_bound(self, call: Call) -> float:
+        """The most one call can cost."""
+        prompt = sum(len(m["content"].encode()) + TOKENS_PER_MESSAGE_BOUND for m in call.messages)
+        return self._price(self.model, prompt + TOKENS_PER_MESSAGE_BOUND, 0, call.params["max_completion_tokens"])
 
     async def relabel(self, examples: list[Example], cache: AnswerCache, budget: Budget, concurrency: int,
                       progress: Progress | None = None) -> RelabelResult:
         """Answers for every example, from the cache or the teacher, until done or the budget is reached."""
-        run = _Run(self, cache, budget, concurrency, progress or (lambda done, spent: None))
-        return await run.all(examples)
+        run = await self.run([self.label_call(e) for e in examples], cache, budget, concurrency, progress)
+        result = RelabelResult(**vars(run))
+        result.examples = [_relabelled(examples[i], run.entries[i]) for i in sorted(run.entries)]
+        return result
 
-    async def ask(self, client: openai.AsyncOpenAI, example: Example, key: str, reserved: float) -> dict[str, Any]:
+    async def run(self, calls: list[Call], cache: AnswerCache, budget: Budget, concurrency: int,
+                  progress: Progress | None = None) -> TeacherRun:
+        """Answers to every call, from the cache or the teacher, until done or the budget is reached."""
+        return await _Run(self, cache, budget, concurrency, progress or (lambda done, spent: None)).all(calls)
+
+    async def ask(self, client: openai.AsyncOpenAI, call: Call, reserved: float) -> dict[str, Any]:
         """One teacher call, as a cache entry."""
-        messages = [{"role": "system", "content": self.system_prompt}, *example.input_messages]
-        response = await client.chat.completions.create(model=self.model, messages=messages, **self.params)
+        response = await client.chat.completions.create(model=self.model, messages=list(call.messages),
+                                                        **call.params)
         choice = response.choices[0] if response.choices else None
         usage = _usage(response.usage)
         cost = self._price(response.model or self.model, *usage.values()) if response.usage else None
         return {
-            "key": key, "model": self.model, "response_model": response.model,
+            "key": call.key, "model": self.model, "response_model": response.model,
             "content": choice.message.content if choice else None,
             "refusal": choice.message.refusal if choice else None,
             "finish_reason": choice.finish_reason if choice else None, "usage": usage,
@@ -148,27 +181,26 @@ class Teacher:
 
 
 class _Run:
-    """One relabelling pass: bounded concurrency, budget reservations, durable answers."""
+    """One pass over a list of calls: bounded concurrency, budget reservations, durable answers."""
 
     def __init__(self, teacher: Teacher, cache: AnswerCache, budget: Budget, concurrency: int,
                  progress: Progress) -> None:
         self.teacher, self.cache, self.budget, self.concurrency = teacher, cache, budget, concurrency
-        self.progress, self.result, self.answers = progress, RelabelResult(), {}
+        self.progress, self.result = progress, TeacherRun()
+        self.answers = self.result.entries
 
-    async def all(self, examples: list[Example]) -> RelabelResult:
+    async def all(self, calls: list[Call]) -> TeacherRun:
         todo = deque()
-        for index, example in enumerate(examples):
-            key = self.teacher.key(example)
-            if (entry := self.cache.get(key)) is not None:
+        for index, call in enumerate(calls):
+            if (entry := self.cache.get(call.key)) is not None:
                 self._answered(index, entry, paid=False)
             else:
-                todo.append((index, example, key))
-        self.progress(len(self.answers), 0.0)
+                todo.append((index, call))
+        self.progress(len(self.answers), self.budget.spent)
         if todo:
             async with self.teacher.client() as client:
                 await self._ask_all(client, todo)
-        self.result.not_relabelled = len(todo)
-        self.result.examples = [_relabelled(examples[i], self.answers[i]) for i in sorted(self.answers)]
+        self.result.not_asked = len(todo)
         return self.result
 
     async def _ask_all(self, client: openai.AsyncOpenAI, todo: deque) -> None:
@@ -176,11 +208,11 @@ class _Run:
         running: set[asyncio.Task] = set()
         failure: BaseException | None = None
         while todo and failure is None:
-            index, example, key = todo[0]
-            bound = self.teacher.cost_bound(example)
+            index, call = todo[0]
+            bound = self.teacher.cost_bound(call)
             if len(running) < self.concurrency and self.budget.reserve(bound):
                 todo.popleft()
-                running.add(asyncio.create_task(self._one(client, index, example, key, bound)))
+                running.add(asyncio.create_task(self._one(client, index, call, bound)))
             elif running:
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 failure = _first_exception(done)
@@ -193,9 +225,9 @@ class _Run:
         if failure is not None:
             raise self.teacher.failure(failure) from failure
 
-    async def _one(self, client: openai.AsyncOpenAI, index: int, example: Example, key: str, bound: float) -> None:
+    async def _one(self, client: openai.AsyncOpenAI, index: int, call: Call, bound: float) -> None:
         try:
-            entry = await self.teacher.ask(client, example, key, bound)
+            entry = await self.teacher.ask(client, call, bound)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
             self.budget.settle(bound, 0.0)
             self.result.rejected += 1
@@ -238,7 +270,8 @@ def _relabelled(example: Example, entry: dict[str, Any]) -> Example:
     refusal = entry.get("refusal")
     answer = entry["content"] if entry.get("content") is not None else (refusal or "")
     return replace(example, answer=answer, refused=bool(refusal), finish_reason=entry.get("finish_reason"),
-                   answer_model=entry.get("response_model"), cost_usd=entry["cost_usd"], source="relabel",
+                   answer_model=entry.get("response_model"), cost_usd=entry["cost_usd"],
+                   source="relabel" if example.source == "captured" else example.source,
                    answer_key=entry["key"])
 
 
