@@ -38,6 +38,7 @@ def serve(config_path, host, port, data_dir, upstream_url, dev, log_level) -> No
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.connection_limits import limited_protocol
     from gateway.service import check_startup
     from arbitrage.keys import KeyStore
 
@@ -50,7 +51,7 @@ def serve(config_path, host, port, data_dir, upstream_url, dev, log_level) -> No
     click.echo(f"arbitrage gateway on http://{config.gateway.host}:{config.gateway.port}/v1 "
                f"(upstreams: {upstreams}; data: {config.data_dir})", err=True)
     uvicorn.run(create_app(config), host=config.gateway.host, port=config.gateway.port, loop="uvloop",
-                http="httptools", access_log=False, log_level=config.gateway.log_level,
+                http=limited_protocol(config.gateway), access_log=False, log_level=config.gateway.log_level,
                 timeout_graceful_shutdown=10)
 
 

@@ -56,12 +56,19 @@ class GatewaySettings(_Section):
     """Largest request body accepted; larger ones get a 413."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log verbosity."""
+    max_header_bytes: int = 16384
+    """Largest request line plus headers accepted; larger ones get a 431 and the connection is closed."""
+    header_timeout_s: float = 10.0
+    """A client must send a request's line and headers within this many seconds of its first byte,
+    else the connection is closed (slow-loris defence; uvicorn has no such timeout)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"gateway.port must be 1-65535, got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError("gateway.max_body_bytes must be at least 1024")
+        if self.max_header_bytes < 1024 or self.header_timeout_s <= 0:
+            raise ValueError("gateway.max_header_bytes must be at least 1024 and gateway.header_timeout_s > 0")
 
 
 class UpstreamSettings(_Section):
@@ -120,6 +127,9 @@ class CaptureSettings(_Section):
     fsync: Literal["never", "interval", "always"] = "interval"
     """When the journal is flushed to the disk (not just the OS): a process kill never loses
     a record in any mode; "always" also survives power loss, at a cost per request."""
+    redact: bool | list[Literal["email", "phone", "card"]] = False
+    """Replace personal data in captured request and response bodies before they are written:
+    true for every kind, or a list of kinds. The upstream still gets the real text."""
 
 
 class MetricsSettings(_Section):

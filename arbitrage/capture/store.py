@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from arbitrage.capture import migrations
 from arbitrage.capture.compactor import PARQUET_DIR, CompactionResult, compact
+from arbitrage.capture.redaction import redactor_for
 from arbitrage.capture.journal import JOURNAL_DIR, SEGMENT_SUFFIX, Journal
 from arbitrage.config import CaptureSettings
 from arbitrage.errors import StoreError
@@ -38,6 +39,7 @@ class CaptureStore:
     def __init__(self, data_dir: Path, settings: CaptureSettings | None = None) -> None:
         self.data_dir = data_dir
         self.settings = settings or CaptureSettings()
+        self.redactor = redactor_for(self.settings.redact)
         self.journals: dict[str, Journal] = {}
         self.schemas = {t: migrations.table_schema(t) for t in migrations.tables()}
         self._pool: ProcessPoolExecutor | None = None
@@ -56,7 +58,7 @@ class CaptureStore:
 
     def append(self, table: str, record: dict) -> None:
         """Record one row; durable against a process crash when this returns."""
-        self.journals[table].append(record)
+        self.journals[table].append(self.redactor.record(table, record) if self.redactor else record)
 
     def compact(self) -> CompactionResult:
         """Compact every sealed segment of every table now, in this process."""
