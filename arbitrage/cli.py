@@ -32,27 +32,26 @@ def main() -> None:
 @click.option("--upstream-url", help="Base URL of the one upstream [default: $OPENAI_BASE_URL or OpenAI's].")
 @click.option("--dev", is_flag=True, default=None, help="Accept any key (loopback only).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Log verbosity.")
+@click.option("--workers", type=click.IntRange(1, 64), help="Worker processes [default: 1, or the config's].")
 @friendly_errors
-def serve(config_path, host, port, data_dir, upstream_url, dev, log_level) -> None:
+def serve(config_path, host, port, data_dir, upstream_url, dev, log_level, workers) -> None:
     """Run the gateway: point OPENAI_BASE_URL at http://HOST:PORT/v1."""
-    import uvicorn
-
-    from gateway.app import create_app
-    from gateway.connection_limits import limited_protocol
-    from gateway.service import check_startup
+    from arbitrage.capture.store import CaptureStore
     from arbitrage.keys import KeyStore
+    from gateway.app import configure_logging, serve as serve_gateway
+    from gateway.service import check_startup
 
     config = load_config(config_path, host=host, port=port, data_dir=data_dir, dev=dev, log_level=log_level,
-                         upstream_url=upstream_url)
-    logging.basicConfig(level=config.gateway.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is too much
+                         upstream_url=upstream_url, workers=workers)
+    configure_logging(config.gateway.log_level)
     check_startup(config, KeyStore(config.data_dir))
+    if config.capture_url:  # an unreachable bucket stops the start here, with one clear line
+        CaptureStore(config.data_dir, config.capture, config.capture_url).prepare_location()
     upstreams = ", ".join(f"{u.name}={u.base_url}" for u in config.upstreams)
+    data = f"{config.capture_url} spooled in {config.data_dir}" if config.capture_url else config.data_dir
     click.echo(f"arbitrage gateway on http://{config.gateway.host}:{config.gateway.port}/v1 "
-               f"(upstreams: {upstreams}; data: {config.data_dir})", err=True)
-    uvicorn.run(create_app(config), host=config.gateway.host, port=config.gateway.port, loop="uvloop",
-                http=limited_protocol(config.gateway), access_log=False, log_level=config.gateway.log_level,
-                timeout_graceful_shutdown=10)
+               f"(upstreams: {upstreams}; data: {data}; workers: {config.gateway.workers})", err=True)
+    serve_gateway(config)
 
 
 @main.group()

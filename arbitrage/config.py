@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -35,6 +36,7 @@ import msgspec
 from arbitrage.errors import ConfigError
 
 DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
+_S3_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#]*)?")
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -61,6 +63,9 @@ class GatewaySettings(_Section):
     header_timeout_s: float = 10.0
     """A client must send a request's line and headers within this many seconds of its first byte,
     else the connection is closed (slow-loris defence; uvicorn has no such timeout)."""
+    workers: int = 1
+    """Worker processes serving the port: each writes its own capture journal, and /metrics from
+    any of them shows the sum over all."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -69,6 +74,10 @@ class GatewaySettings(_Section):
             raise ValueError("gateway.max_body_bytes must be at least 1024")
         if self.max_header_bytes < 1024 or self.header_timeout_s <= 0:
             raise ValueError("gateway.max_header_bytes must be at least 1024 and gateway.header_timeout_s > 0")
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"gateway.workers must be 1-64, got {self.workers}")
+        if "://" in self.data_dir and not _S3_URL.fullmatch(self.data_dir):
+            raise ValueError(f"gateway.data_dir must be a local folder or s3://BUCKET[/PREFIX], got {self.data_dir!r}")
 
 
 class UpstreamSettings(_Section):
@@ -115,6 +124,33 @@ class PriceOverride(_Section):
     """Price of cached prompt tokens; the input price when unset."""
 
 
+class S3Settings(_Section):
+    """The bucket of ``gateway.data_dir = "s3://BUCKET/PREFIX"`` (any S3-compatible store).
+
+    Compacted Parquet files go to the bucket; journals, keys and the schema record stay in
+    ``spool_dir``. Credentials come only from the environment (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, or the AWS SDK's other usual sources),
+    never from this file.
+    """
+
+    spool_dir: str = "./arbitrage-spool"
+    """Local folder for what stays on this machine: journals not yet compacted, keys, schema record."""
+    endpoint_url: str | None = None
+    """S3 API endpoint, e.g. http://127.0.0.1:9000 [default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS]."""
+    region: str | None = None
+    """Bucket region [default: $AWS_REGION, $AWS_DEFAULT_REGION, else us-east-1]."""
+    connect_timeout_s: float = 5.0
+    """Connect timeout of one S3 request."""
+    request_timeout_s: float = 60.0
+    """Timeout of one S3 request."""
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None and urlsplit(self.endpoint_url).scheme not in ("http", "https"):
+            raise ValueError(f"capture.s3.endpoint_url must be an http(s) URL, got {self.endpoint_url!r}")
+        if self.connect_timeout_s <= 0 or self.request_timeout_s <= 0:
+            raise ValueError("capture.s3: timeouts must be > 0")
+
+
 class CaptureSettings(_Section):
     """How calls are recorded."""
 
@@ -130,6 +166,8 @@ class CaptureSettings(_Section):
     redact: bool | list[Literal["email", "phone", "card"]] = False
     """Replace personal data in captured request and response bodies before they are written:
     true for every kind, or a list of kinds. The upstream still gets the real text."""
+    s3: S3Settings = msgspec.field(default_factory=S3Settings)
+    """Where Parquet goes when ``gateway.data_dir`` is an s3:// URL."""
 
 
 class MetricsSettings(_Section):
@@ -174,7 +212,13 @@ class Config(_Section):
 
     @property
     def data_dir(self) -> Path:
-        return Path(self.gateway.data_dir)
+        """The local data folder (``capture.s3.spool_dir`` when data_dir is an s3:// URL)."""
+        return Path(self.capture.s3.spool_dir if self.capture_url else self.gateway.data_dir)
+
+    @property
+    def capture_url(self) -> str | None:
+        """The s3:// URL compacted Parquet goes to; None when it stays under data_dir."""
+        return self.gateway.data_dir if self.gateway.data_dir.startswith("s3://") else None
 
 
 def load_config(path: str | Path | None = None, **overrides) -> Config:

@@ -1,7 +1,12 @@
-"""The litestar application: routes, error handlers, lifespan."""
+"""The litestar application: routes, error handlers, lifespan; served by uvicorn in one process
+or in several worker processes."""
 
 from __future__ import annotations
 
+import logging
+import os
+
+import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
 
@@ -11,9 +16,13 @@ from gateway.chat.routes import chat_completions
 from gateway.completions.routes import completions
 from gateway.embeddings.routes import embeddings
 from gateway.errors import EXCEPTION_HANDLERS
+from gateway.metrics import multiprocess_metrics_folder
 from gateway.models.routes import list_models, retrieve_model
 from gateway.openapi import openapi_config
 from gateway.service import Gateway
+
+CONFIG_ENV = "ARBITRAGE_WORKER_CONFIG"
+"""Carries the checked config (JSON, no secrets: keys are named by their variables) to the workers."""
 
 
 @get("/healthz", media_type=MediaType.JSON)
@@ -34,8 +43,40 @@ def create_app(config: Config) -> Litestar:
     return Litestar(
         route_handlers=[chat_completions, completions, embeddings, list_models, retrieve_model, healthz, metrics],
         lifespan=[gateway.lifespan, gateway.quotas.lifespan],
+        on_startup=[gateway.metrics.worker_started],
+        on_shutdown=[gateway.metrics.worker_exiting],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.gateway.max_body_bytes,
         state=State({"gateway": gateway}),
         openapi_config=openapi_config(),
     )
+
+
+def worker_app() -> Litestar:
+    """The app of one worker process (uvicorn's factory); the config comes from ``serve``."""
+    config = msgspec.json.decode(os.environ[CONFIG_ENV], type=Config)
+    configure_logging(config.gateway.log_level)
+    return create_app(config)
+
+
+def serve(config: Config) -> None:
+    """Serve until stopped: in this process, or in ``gateway.workers`` processes sharing the port
+    (uvicorn's supervisor restarts a worker that dies)."""
+    import uvicorn
+
+    from gateway.connection_limits import limited_protocol
+
+    options = dict(host=config.gateway.host, port=config.gateway.port, loop="uvloop", http=limited_protocol(config.gateway),
+                   access_log=False, log_level=config.gateway.log_level, timeout_graceful_shutdown=10)
+    if config.gateway.workers == 1:
+        uvicorn.run(create_app(config), **options)
+        return
+    os.environ[CONFIG_ENV] = msgspec.json.encode(config).decode()
+    with multiprocess_metrics_folder():
+        uvicorn.run(f"{__name__}:worker_app", factory=True, workers=config.gateway.workers, **options)
+
+
+def configure_logging(level: str) -> None:
+    """Log lines with time, level and logger, at the configured level."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is too much

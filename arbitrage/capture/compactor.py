@@ -1,31 +1,38 @@
 """Turns sealed journal segments into Parquet files, in the background.
 
-A segment ``X.jsonl`` becomes ``parquet/X.parquet``: written to a temporary
-file, flushed, renamed into place, and only then is the segment removed. A
-crash at any point leaves either the segment (compacted again, to the same
-name) or the finished file: never a half-written file that looks complete and
-never a lost record. Any process may compact any sealed segment; an active one
-is skipped because its writer holds its lock.
+A segment ``X.jsonl`` becomes ``parquet/X.parquet``, written whole (locally: a
+temporary file, flushed, renamed into place; in a bucket: one object upload,
+see ``location.py``), and only then is the segment removed. A crash at any
+point leaves either the segment (compacted again, to the same name) or the
+finished file: never a half-written file that looks complete and never a lost
+record. Any process may compact any sealed segment: it holds the segment's
+``flock`` while it does, so two compactors never work on one segment, and an
+active segment is skipped because its writer holds that lock.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import io
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.json as pa_json
-import pyarrow.parquet as pq
 
 from arbitrage.capture.journal import JOURNAL_DIR, SEGMENT_SUFFIX
+from arbitrage.capture.location import PARQUET_DIR, LocalParquet, ParquetLocation
 
 log = logging.getLogger(__name__)
 
-PARQUET_DIR = "parquet"
+__all__ = ["PARQUET_DIR", "CompactionResult", "compact"]
+
+Writer = Callable[[str, pa.Table], None]
+"""Writes one named Parquet file of a table whole."""
 
 
 @dataclass
@@ -37,17 +44,18 @@ class CompactionResult:
     bad_lines: int = 0
 
 
-def compact(table_dir: Path, schema: pa.Schema) -> CompactionResult:
-    """Compact every sealed segment of one table."""
+def compact(table_dir: Path, schema: pa.Schema, location: ParquetLocation | None = None) -> CompactionResult:
+    """Compact every sealed segment of one table (into ``table_dir/parquet`` unless a location is given)."""
     result = CompactionResult()
-    out_dir = table_dir / PARQUET_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if location is None:
+        location = LocalParquet(table_dir.parent)
+        (table_dir / PARQUET_DIR).mkdir(parents=True, exist_ok=True)
     for segment in sorted((table_dir / JOURNAL_DIR).glob(f"[!_]*{SEGMENT_SUFFIX}")):  # "_": layout files
-        _compact_if_sealed(segment, out_dir, schema, result)
+        _compact_if_sealed(segment, functools.partial(location.write, table_dir.name), schema, result)
     return result
 
 
-def _compact_if_sealed(segment: Path, out_dir: Path, schema: pa.Schema, result: CompactionResult) -> None:
+def _compact_if_sealed(segment: Path, write: Writer, schema: pa.Schema, result: CompactionResult) -> None:
     try:
         fd = os.open(segment, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -59,16 +67,16 @@ def _compact_if_sealed(segment: Path, out_dir: Path, schema: pa.Schema, result: 
         return  # active: its writer holds the lock
     try:
         if segment.exists():
-            _compact_segment(fd, segment, out_dir, schema, result)
+            _compact_segment(fd, segment, write, schema, result)
     finally:
         os.close(fd)
 
 
-def _compact_segment(fd: int, segment: Path, out_dir: Path, schema: pa.Schema, result: CompactionResult) -> None:
+def _compact_segment(fd: int, segment: Path, write: Writer, schema: pa.Schema, result: CompactionResult) -> None:
     data = _read_complete_lines(fd)
     table, bad = _parse(data, schema)
     if table.num_rows:
-        _write_atomically(table, out_dir / f"{segment.stem}.parquet")
+        write(f"{segment.stem}.parquet", table)
     segment.unlink()
     result.segments += 1
     result.records += table.num_rows
@@ -112,11 +120,3 @@ def _parse_line_by_line(data: bytes, schema: pa.Schema) -> tuple[pa.Table, int]:
 def _read_options(data: bytes) -> pa_json.ReadOptions:
     """A block must hold the longest line, or pyarrow rejects it (records can be megabytes)."""
     return pa_json.ReadOptions(block_size=max(len(data) + 1, 1 << 20))
-
-
-def _write_atomically(table: pa.Table, target: Path) -> None:
-    temp = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, temp, compression="zstd")
-    with open(temp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(temp, target)

@@ -19,12 +19,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from arbitrage.capture.compactor import PARQUET_DIR
 from arbitrage.capture.journal import JOURNAL_DIR
+from arbitrage.capture.location import PARQUET_DIR, SCHEMA_PARQUET
 from arbitrage.errors import MigrationError
 
 SCHEMA_FILE = "schema.json"
-SCHEMA_PARQUET = "_schema.parquet"
 EMPTY_JOURNAL = "_empty.jsonl"
 
 

@@ -3,16 +3,23 @@
 Layout::
 
     <data_dir>/schema.json                 applied migrations
-    <data_dir>/<table>/journal/*.jsonl     records not yet compacted (one writer each)
+    <data_dir>/<table>/journal/*.jsonl     records not yet compacted (one writer per process)
     <data_dir>/<table>/parquet/*.parquet   compacted records
+    s3://<bucket>/<prefix>/<table>/parquet/*.parquet
+                                           the same, when gateway.data_dir is an s3:// URL
+                                           (``<data_dir>/parquet_location.json`` then says so)
 
 The DuckDB view of a table reads both, so a record is queryable the moment it
-is written.
+is written. Several processes (gateway workers) may share one data folder: each
+writes its own journal segments, and one of them at a time runs the background
+compaction (the holder of ``<data_dir>/.compaction.lock``; another takes over
+when it exits).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -25,29 +32,39 @@ import duckdb
 import pyarrow as pa
 
 from arbitrage.capture import migrations
-from arbitrage.capture.compactor import PARQUET_DIR, CompactionResult, compact
+from arbitrage.capture.compactor import CompactionResult, compact
 from arbitrage.capture.redaction import redactor_for
 from arbitrage.capture.journal import JOURNAL_DIR, SEGMENT_SUFFIX, Journal
+from arbitrage.capture.location import (LocalParquet, ParquetLocation, S3Parquet, forget_location,
+                                        recorded_location)
 from arbitrage.config import CaptureSettings
 from arbitrage.errors import StoreError
 
 log = logging.getLogger(__name__)
 
+RUNNER_LOCK = ".compaction.lock"
+
+
 class CaptureStore:
     """Writes records durably and compacts them in the background."""
 
-    def __init__(self, data_dir: Path, settings: CaptureSettings | None = None) -> None:
+    def __init__(self, data_dir: Path, settings: CaptureSettings | None = None, parquet_url: str | None = None) -> None:
+        """``parquet_url``: an ``s3://bucket/prefix`` for the Parquet files; None keeps them under data_dir."""
         self.data_dir = data_dir
         self.settings = settings or CaptureSettings()
         self.redactor = redactor_for(self.settings.redact)
+        self.location: ParquetLocation = (S3Parquet.from_settings(parquet_url, self.settings.s3) if parquet_url
+                                          else LocalParquet(data_dir))
         self.journals: dict[str, Journal] = {}
         self.schemas = {t: migrations.table_schema(t) for t in migrations.tables()}
         self._pool: ProcessPoolExecutor | None = None
+        self._runner_fd = -1
 
     def open(self) -> list[str]:
         """Migrate the store, compact what earlier processes left, start journals."""
         try:
             applied = migrations.migrate(self.data_dir)
+            self.prepare_location()
             self.compact()
             for table in self.schemas:
                 self.journals[table] = Journal(self.data_dir / table, self.settings)
@@ -60,9 +77,17 @@ class CaptureStore:
         """Record one row; durable against a process crash when this returns."""
         self.journals[table].append(self.redactor.record(table, record) if self.redactor else record)
 
+    def prepare_location(self) -> None:
+        """Check the Parquet location answers and lay it out; record it for ``connect``."""
+        self.location.prepare(self.schemas)
+        if isinstance(self.location, S3Parquet):
+            self.location.record(self.data_dir)
+        else:
+            forget_location(self.data_dir)
+
     def compact(self) -> CompactionResult:
         """Compact every sealed segment of every table now, in this process."""
-        return compact_store(self.data_dir, self.schemas)
+        return compact_store(self.data_dir, self.schemas, self.location)
 
     def backlog(self) -> tuple[int, int]:
         """(segments, bytes) written to journals and not yet compacted, all writers."""
@@ -73,14 +98,22 @@ class CaptureStore:
         """Flush, seal and compact forever (cancel to stop).
 
         Compaction runs in a child process: in a thread it held the GIL for about half a
-        second per segment and raised the gateway's p99 latency (bench/RESULTS.md).
+        second per segment and raised the gateway's p99 latency (bench/RESULTS.md). Of several
+        processes sharing the data folder only the compaction runner compacts; the others
+        only flush and seal their own journals.
         """
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(self.settings.compact_interval_s, 1.0))
             try:
                 await asyncio.to_thread(self._tick)
-                result = await loop.run_in_executor(self._compactor(), compact_store, self.data_dir, self.schemas)
+                result = CompactionResult()
+                if self._is_compaction_runner():
+                    result = await loop.run_in_executor(self._compactor(), compact_store, self.data_dir,
+                                                        self.schemas, self.location)
+            except StoreError as exc:  # e.g. the bucket is unreachable for a while: the journal keeps the data
+                log.error("capture compaction failed; will retry: %s", exc)
+                continue
             except Exception:  # keep capturing even if one pass fails; the journal keeps the data
                 log.exception("capture compaction failed; will retry")
                 self._close_compactor()
@@ -91,6 +124,18 @@ class CaptureStore:
     def _tick(self) -> None:
         for journal in self.journals.values():
             journal.tick()
+
+    def _is_compaction_runner(self) -> bool:
+        """Hold the data folder's runner lock (kept once taken; the kernel frees it when this process dies)."""
+        if self._runner_fd < 0:
+            fd = os.open(self.data_dir / RUNNER_LOCK, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            self._runner_fd = fd
+        return True
 
     def _compactor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -109,6 +154,9 @@ class CaptureStore:
         for journal in self.journals.values():
             journal.close()
         self.compact()
+        if self._runner_fd >= 0:
+            os.close(self._runner_fd)
+            self._runner_fd = -1
 
 
 def exit_with_parent(parent_pid: int) -> None:
@@ -122,11 +170,12 @@ def exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def compact_store(data_dir: Path, schemas: dict[str, pa.Schema]) -> CompactionResult:
+def compact_store(data_dir: Path, schemas: dict[str, pa.Schema],
+                  location: ParquetLocation | None = None) -> CompactionResult:
     """Compact every sealed segment of every table (a plain function, so a child process can run it)."""
     total = CompactionResult()
     for table, schema in schemas.items():
-        result = compact(data_dir / table, schema)
+        result = compact(data_dir / table, schema, location)
         total.segments += result.segments
         total.records += result.records
         total.bad_lines += result.bad_lines
@@ -145,25 +194,29 @@ def connect(data_dir: Path, known: tuple[migrations.Migration, ...] = migrations
     """An in-memory DuckDB connection with one view per table over the store.
 
     The views find their files at query time, so a long-lived connection keeps seeing new
-    records and is not broken by compaction.
+    records and is not broken by compaction. Parquet in a bucket is read from there (the
+    location the gateway recorded in ``data_dir``).
     """
     if not (data_dir / migrations.SCHEMA_FILE).exists():
         raise StoreError(f"{data_dir} is not an arbitrage data directory (no {migrations.SCHEMA_FILE})")
     migrations.check_known(migrations.applied(data_dir), known, data_dir)
+    location = recorded_location(data_dir)
     con = duckdb.connect()
+    location.register(con)
     for table in migrations.tables(known):
-        _create_view(con, data_dir / table, table, migrations.table_schema(table, known))
+        _create_view(con, data_dir / table, location.glob(table), table, migrations.table_schema(table, known))
     return con
 
 
-def _create_view(con: duckdb.DuckDBPyConnection, table_dir: Path, name: str, schema: pa.Schema) -> None:
+def _create_view(con: duckdb.DuckDBPyConnection, table_dir: Path, parquet_glob: str, name: str,
+                 schema: pa.Schema) -> None:
     """``name`` = typed empty table + Parquet files + journal segments not yet compacted.
 
     A segment whose Parquet file exists already (the instant between rename and unlink) is
     skipped, so no record is counted twice.
     """
     con.register(f"_{name}_empty", schema.empty_table())
-    parquet, journal = _sql_str(table_dir / PARQUET_DIR / "*.parquet"), _sql_str(table_dir / JOURNAL_DIR / "*.jsonl")
+    parquet, journal = _sql_str(parquet_glob), _sql_str(table_dir / JOURNAL_DIR / "*.jsonl")
     types = con.from_arrow(schema.empty_table()).dtypes
     columns = "{" + ", ".join(f"'{f.name}': '{t}'" for f, t in zip(schema, types)) + "}"
     con.execute(f"""
@@ -178,5 +231,5 @@ def _create_view(con: duckdb.DuckDBPyConnection, table_dir: Path, name: str, sch
     """)
 
 
-def _sql_str(path: Path) -> str:
+def _sql_str(path: Path | str) -> str:
     return "'" + str(path).replace("'", "''") + "'"
