@@ -72,7 +72,7 @@ class Gateway:
         self.metrics = Metrics(config.metrics.max_paths)
         self.keys = KeyStore(config.data_dir)
         self.auth = Authenticator(self.keys, config.gateway.dev)
-        self.store = CaptureStore(config.data_dir, config.capture)
+        self.store = CaptureStore(config.data_dir, config.capture, config.capture_url)
         self.proxy = Proxy(self.store, PriceBook(config.prices), self.metrics)
         self.quotas = Quotas(config.data_dir)
         self.proxy.on_spend = self.quotas.spend
