@@ -46,6 +46,7 @@ def distill() -> None:
 @field_option(BuildConfig, "--synthesize-shots", field="synthesize_shots", type=int)
 @field_option(BuildConfig, "--synthesize-temperature", field="synthesize_temperature", type=float)
 @field_option(BuildConfig, "--synthesize-max-tokens", field="synthesize_max_tokens", type=int)
+@field_option(BuildConfig, "--synthesize-structured", field="synthesize_structured", is_flag=True)
 @field_option(BuildConfig, "--max-examples", field="max_examples", type=int)
 @field_option(BuildConfig, "--export", field="export", type=click.Choice(EXPORT_FORMATS), multiple=True)
 @friendly_errors

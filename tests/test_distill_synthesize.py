@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -181,3 +182,92 @@ def test_synthesis_stops_at_the_budget_and_a_rerun_pays_only_for_the_rest(run_si
 def test_budget_too_small_for_one_generation_call(run_sim):
     result = run_sim("--synthesize", "5", "--budget-usd", "0.0000001")
     assert result.exit_code == 1 and "cannot pay for a single generation call" in result.output
+
+
+VLLM_CONFIG = """
+[[upstreams]]
+name = "local-vllm"
+base_url = "{base_url}"
+models = ["smollm2"]
+max_retries = 1
+
+[prices."smollm2"]
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+"""
+LABEL_PROMPT = "Name the banking intent of the customer's message in two or three words. Reply with the words only."
+VLLM_ARGS = ["--teacher-model", "smollm2", "--budget-usd", "0.01", "--answer-format", "text", "--max-tokens", "48",
+             "--synthesize-per-call", "4", "--synthesize-shots", "3", "--synthesize-max-tokens", "200",
+             "--synthesize-temperature", "0.8", "--concurrency", "4"]
+
+
+@pytest.fixture(scope="module")
+def vllm_build(vllm, captured, tmp_path_factory):
+    """``distill build --synthesize`` with SmolLM2 on vLLM as the teacher; returns a runner that
+    also reports how long the build took."""
+    tmp = tmp_path_factory.mktemp("synth-vllm")
+    (tmp / "vllm.toml").write_text(VLLM_CONFIG.format(base_url=vllm.base_url))
+    (tmp / "label.txt").write_text(LABEL_PROMPT)
+
+    def invoke(*args: str) -> tuple[dict, list[dict], list[dict], float]:
+        argv = ["build", PATH, "--data-dir", str(captured), "--datasets-dir", str(tmp / "datasets"),
+                "--config", str(tmp / "vllm.toml"), "--system-prompt-file", str(tmp / "label.txt"), *VLLM_ARGS, *args]
+        started = time.monotonic()
+        result = CliRunner().invoke(distill, argv)
+        seconds = time.monotonic() - started
+        print(f"\n{' '.join(args)}: {seconds:.1f} s\n{result.stderr}")
+        manifest = manifest_of(result)
+        folder = Path(result.stdout.strip().splitlines()[-1])
+        rows = {s: pq.read_table(folder / f"{s}.parquet").to_pylist() for s in ("train", "eval")}
+        return manifest, rows["train"], rows["eval"], seconds
+    return invoke
+
+
+@pytest.fixture(scope="module")
+def structured_runs(vllm_build):
+    """A structured-outputs synthesis of 8 inputs, then the same command again."""
+    args = ("--synthesize", "8", "--synthesize-structured")
+    return vllm_build(*args), vllm_build(*args)
+
+
+def test_vllm_generation_calls_are_made_and_paid_within_the_budget(structured_runs):
+    (manifest, _, _, _), _ = structured_runs
+    counts, dollars = manifest["synthesis"]["counts"], manifest["synthesis"]["dollars"]
+    assert (counts["asked"], counts["calls"], counts["calls_paid"]) == (8, 2, 2)
+    assert 0 < dollars["generation_spent_usd"] and manifest["dollars"]["spent_this_run_usd"] <= 0.01
+    assert manifest["dollars"]["spent_this_run_usd"] == pytest.approx(
+        dollars["generation_spent_usd"] + dollars["labelling_spent_usd"])
+
+
+def test_vllm_inputs_are_parsed_counted_and_deduplicated(structured_runs, captured):
+    (manifest, train, _, _), _ = structured_runs
+    counts = manifest["synthesis"]["counts"]
+    assert counts["generated"] + counts["items_rejected"] >= 1 and counts["answers_without_array"] == 0
+    assert counts["generated"] == (counts["exact_duplicate"] + counts["near_duplicate"] + counts["labelled"]
+                                   + counts["not_labelled_budget"] + counts["label_rejected_by_teacher"])
+    known = [shingles(normalized_input(json.loads(r["input_messages"]))) for r in train if r["source"] != "synthetic"]
+    for row in (r for r in train if r["source"] == "synthetic"):
+        assert max(jaccard(shingles(normalized_input(json.loads(row["input_messages"]))), k) for k in known) < 0.8
+
+
+def test_vllm_synthetic_examples_are_in_train_only(structured_runs):
+    (manifest, train, held_out, _), _ = structured_runs
+    synthetic = [r for r in train if r["source"] == "synthetic"]
+    assert len(synthetic) == manifest["synthesis"]["counts"]["kept"] == manifest["split"]["synthetic_in_train"]
+    assert {r["source"] for r in held_out} == {"captured"} and "train only" in manifest["split"]["synthetic"]
+    assert all(r["system_prompt"] == APP_PROMPT and r["request_id"] is None for r in synthetic)
+
+
+def test_vllm_rerun_pays_nothing_twice(structured_runs):
+    (first, train, _, _), (again, train_again, _, seconds) = structured_runs
+    assert again["dollars"]["spent_this_run_usd"] == 0 and again["synthesis"]["counts"]["calls_cached"] == 2
+    assert again["dollars"]["cached_usd"] == pytest.approx(first["dollars"]["spent_this_run_usd"])
+    assert [r for r in train_again if r["source"] == "synthetic"] == [r for r in train if r["source"] == "synthetic"]
+
+
+def test_vllm_free_text_answers_are_parsed_or_rejected_never_a_crash(vllm_build):
+    manifest, train, _, _ = vllm_build("--synthesize", "4")
+    counts = manifest["synthesis"]["counts"]
+    assert counts["calls_paid"] == 1 and counts["answers_without_array"] + counts["generated"] + counts[
+        "items_rejected"] >= 1
+    assert sum(r["source"] == "synthetic" for r in train) == counts["kept"]

@@ -61,6 +61,10 @@ class BuildConfig(DocumentedFields):
     synthesize_temperature: float = _help("Sampling temperature of generation calls (more than 0).", default=1.0)
     synthesize_max_tokens: int = _help("Longest generation answer (max_completion_tokens), in tokens.",
                                        default=1024)
+    synthesize_structured: bool = _help(
+        "Ask for the new inputs through the API's structured outputs (response_format json_schema "
+        "{\"inputs\": [strings]}, in the subset every provider accepts); teachers that support it (OpenAI, "
+        "vLLM) then always answer parseable JSON. Off: the prompt alone asks for a JSON array.", default=False)
     max_examples: int | None = _help("Use at most this many distinct inputs (the earliest captured).",
                                      default=None)
     export: tuple[str, ...] = _help("Also write the splits in these formats: openai-jsonl.", default=())

@@ -31,7 +31,7 @@ GENERATION_PROMPT = (
     "You write test inputs for an application that calls a language model. Given the application's "
     "instructions and real messages from its users, you write new messages that other users could send: "
     "realistic, in the same language and style, varied in topic, wording and length, never copies or "
-    "paraphrases of the examples. You answer with a JSON array of strings and nothing else."
+    "paraphrases of the examples. You answer with JSON and nothing else."
 )
 SOURCE = "synthetic"
 MIN_LENGTH_LIMIT = 200
@@ -39,6 +39,14 @@ LENGTH_FACTOR = 3
 """An item longer than this many times the longest example shown (at least ``MIN_LENGTH_LIMIT``
 characters) is rejected: a run-on answer, not a user's message."""
 EXCERPT_CHARS = 80
+INPUTS_SCHEMA = {
+    "type": "object", "properties": {"inputs": {"type": "array", "items": {"type": "string"}}},
+    "required": ["inputs"], "additionalProperties": False,
+}
+"""The structured-outputs shape (``--synthesize-structured``): only keywords every provider's strict
+mode accepts, so the count and the length of items are checked here, not by the schema."""
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "new_inputs", "strict": True,
+                                                           "schema": INPUTS_SCHEMA}}
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,8 @@ def plan(examples: list[Example], cfg: BuildConfig, model: str) -> Plan:
     texts = [e.input_messages[0]["content"] for e in seeds]
     prompts = Counter(e.system_prompt for e in seeds)
     app_prompt = prompts.most_common(1)[0][0]
-    params = {"temperature": cfg.synthesize_temperature, "max_completion_tokens": cfg.synthesize_max_tokens}
+    params = {"temperature": cfg.synthesize_temperature, "max_completion_tokens": cfg.synthesize_max_tokens,
+              **({"response_format": RESPONSE_FORMAT} if cfg.synthesize_structured else {})}
     per_call = cfg.synthesize_per_call
     asked = [min(per_call, cfg.synthesize - start) for start in range(0, cfg.synthesize, per_call)]
     calls = [generation_call(model, app_prompt, sample(texts, cfg.synthesize_shots, cfg.seed, batch), n, batch,
@@ -94,17 +103,17 @@ def sample(texts: list[str], shots: int, seed: int, batch: int) -> list[str]:
 def generation_call(model: str, app_prompt: str | None, shown: list[str], n: int, batch: int,
                     params: dict[str, Any]) -> Call:
     """One generation call; its key covers the model, prompt, examples, batch index and parameters."""
-    user = {"role": "user", "content": generation_request(app_prompt, shown, n)}
+    user = {"role": "user", "content": generation_request(app_prompt, shown, n, "response_format" in params)}
     key = answer_key(model, GENERATION_PROMPT, [user], {**params, "synthesize_batch": batch})
     return Call(({"role": "system", "content": GENERATION_PROMPT}, user), params, key)
 
 
-def generation_request(app_prompt: str | None, shown: list[str], n: int) -> str:
+def generation_request(app_prompt: str | None, shown: list[str], n: int, structured: bool = False) -> str:
     """The user message of a generation call."""
     context = f'The application\'s instructions to its model:\n"""\n{app_prompt}\n"""\n\n' if app_prompt else ""
+    shape = f'a JSON object {{"inputs": [...]}} holding {n} strings' if structured else f"a JSON array of {n} strings"
     return (f"{context}Real messages from its users, as a JSON array:\n{json.dumps(shown, ensure_ascii=False)}\n\n"
-            f"Write {n} new messages that other users could send to this application. "
-            f"Answer with a JSON array of {n} strings only.")
+            f"Write {n} new messages that other users could send to this application. Answer with {shape} only.")
 
 
 def read_answers(plan: Plan, run: TeacherRun) -> Generated:

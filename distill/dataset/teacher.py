@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import json
 from collections import deque
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -129,6 +130,8 @@ class Teacher:
     def cost_bound(self, call: Call) -> float:
         """The most one call can cost."""
         prompt = sum(len(m["content"].encode()) + TOKENS_PER_MESSAGE_BOUND for m in call.messages)
+        if "response_format" in call.params:  # a structured-outputs schema is billed as input
+            prompt += len(json.dumps(call.params["response_format"]).encode())
         return self._price(self.model, prompt + TOKENS_PER_MESSAGE_BOUND, 0, call.params["max_completion_tokens"])
 
     async def relabel(self, examples: list[Example], cache: AnswerCache, budget: Budget, concurrency: int,
