@@ -112,6 +112,14 @@ def test_new_inputs_near_existing_ones_or_each_other_are_dropped():
     assert (exact, near) == (1, 2) and {e.source for e in kept} == {"synthetic"}
 
 
+def test_a_path_of_multi_turn_conversations_has_no_examples_to_show():
+    turns = Example("r", ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                          {"role": "user", "content": "my card?"}), None, "{}")
+    cfg = BuildConfig(path="p", data_dir="d", synthesize=2, teacher_model="m", system_prompt_file="f", budget_usd=1)
+    with pytest.raises(ConfigError, match="has none \\(only multi-turn conversations\\)"):
+        synthesize.plan([turns], cfg, "m")
+
+
 @pytest.mark.parametrize("options, message", [
     ({"synthesize": 5}, "--synthesize needs --teacher-model, --system-prompt-file, --budget-usd"),
     ({"synthesize": 0, "teacher_model": "m", "system_prompt_file": "f", "budget_usd": 1},
@@ -177,6 +185,15 @@ def test_synthesis_stops_at_the_budget_and_a_rerun_pays_only_for_the_rest(run_si
     assert first["dollars"]["spent_this_run_usd"] <= 0.0003 and first["synthesis"]["stopped_by_budget"]
     assert (rest["synthesis"]["counts"]["calls_cached"], rest["synthesis"]["counts"]["calls_paid"]) == (paid, 8 - paid)
     assert rest["synthesis"]["dollars"]["generation_cached_usd"] == pytest.approx(first["dollars"]["spent_this_run_usd"])
+
+
+def test_relabel_and_synthesize_share_one_budget(run_sim):
+    result = run_sim("--relabel", "--synthesize", "4", "--budget-usd", "1")
+    manifest, folder = manifest_of(result), Path(result.stdout.strip().splitlines()[-1])
+    rows = [r for split in ("train", "eval") for r in pq.read_table(folder / f"{split}.parquet").to_pylist()]
+    assert manifest["teacher"]["answers_paid"] == CAPTURED and manifest["synthesis"]["counts"]["calls_paid"] == 1
+    assert manifest["dollars"]["spent_this_run_usd"] == pytest.approx(
+        sum(r["cost_usd"] for r in rows) + manifest["synthesis"]["dollars"]["generation_spent_usd"])
 
 
 def test_budget_too_small_for_one_generation_call(run_sim):
