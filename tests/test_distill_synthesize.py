@@ -77,7 +77,8 @@ def test_parse_array_names_what_it_found_instead(answer, problem):
 
 
 @pytest.mark.parametrize("item, problem", [
-    ("How do I freeze my card?", None), (3, "not a string: '3'"), ({"text": "hi"}, "not a string: '{\"text\": \"hi\"}'"),
+    ("How do I freeze my card?", None), (3, "not a string: '3'"),
+    ({"text": "hi"}, "not a string: '{\"text\": \"hi\"}'"),
     ("  ", "empty"), ("x" * 201, "201 characters, more than 200"),
 ])
 def test_items_are_validated_strictly(item, problem):
@@ -184,7 +185,8 @@ def test_synthesis_stops_at_the_budget_and_a_rerun_pays_only_for_the_rest(run_si
     assert "budget reached during synthesis" in small.stderr and 0 < paid < 8
     assert first["dollars"]["spent_this_run_usd"] <= 0.0003 and first["synthesis"]["stopped_by_budget"]
     assert (rest["synthesis"]["counts"]["calls_cached"], rest["synthesis"]["counts"]["calls_paid"]) == (paid, 8 - paid)
-    assert rest["synthesis"]["dollars"]["generation_cached_usd"] == pytest.approx(first["dollars"]["spent_this_run_usd"])
+    cached = rest["synthesis"]["dollars"]["generation_cached_usd"]
+    assert cached == pytest.approx(first["dollars"]["spent_this_run_usd"])
 
 
 def test_relabel_and_synthesize_share_one_budget(run_sim):
@@ -221,12 +223,12 @@ VLLM_ARGS = ["--teacher-model", "smollm2", "--budget-usd", "0.01", "--answer-for
 @pytest.fixture(scope="module")
 def vllm_build(vllm, captured, tmp_path_factory):
     """``distill build --synthesize`` with SmolLM2 on vLLM as the teacher; returns a runner that
-    also reports how long the build took."""
+    prints how long each build took (``pytest -s``)."""
     tmp = tmp_path_factory.mktemp("synth-vllm")
     (tmp / "vllm.toml").write_text(VLLM_CONFIG.format(base_url=vllm.base_url))
     (tmp / "label.txt").write_text(LABEL_PROMPT)
 
-    def invoke(*args: str) -> tuple[dict, list[dict], list[dict], float]:
+    def invoke(*args: str) -> tuple[dict, list[dict], list[dict]]:
         argv = ["build", PATH, "--data-dir", str(captured), "--datasets-dir", str(tmp / "datasets"),
                 "--config", str(tmp / "vllm.toml"), "--system-prompt-file", str(tmp / "label.txt"), *VLLM_ARGS, *args]
         started = time.monotonic()
@@ -236,7 +238,7 @@ def vllm_build(vllm, captured, tmp_path_factory):
         manifest = manifest_of(result)
         folder = Path(result.stdout.strip().splitlines()[-1])
         rows = {s: pq.read_table(folder / f"{s}.parquet").to_pylist() for s in ("train", "eval")}
-        return manifest, rows["train"], rows["eval"], seconds
+        return manifest, rows["train"], rows["eval"]
     return invoke
 
 
@@ -248,7 +250,7 @@ def structured_runs(vllm_build):
 
 
 def test_vllm_generation_calls_are_made_and_paid_within_the_budget(structured_runs):
-    (manifest, _, _, _), _ = structured_runs
+    (manifest, _, _), _ = structured_runs
     counts, dollars = manifest["synthesis"]["counts"], manifest["synthesis"]["dollars"]
     assert (counts["asked"], counts["calls"], counts["calls_paid"]) == (8, 2, 2)
     assert 0 < dollars["generation_spent_usd"] and manifest["dollars"]["spent_this_run_usd"] <= 0.01
@@ -257,7 +259,7 @@ def test_vllm_generation_calls_are_made_and_paid_within_the_budget(structured_ru
 
 
 def test_vllm_inputs_are_parsed_counted_and_deduplicated(structured_runs, captured):
-    (manifest, train, _, _), _ = structured_runs
+    (manifest, train, _), _ = structured_runs
     counts = manifest["synthesis"]["counts"]
     assert counts["generated"] + counts["items_rejected"] >= 1 and counts["answers_without_array"] == 0
     assert counts["generated"] == (counts["exact_duplicate"] + counts["near_duplicate"] + counts["labelled"]
@@ -268,7 +270,7 @@ def test_vllm_inputs_are_parsed_counted_and_deduplicated(structured_runs, captur
 
 
 def test_vllm_synthetic_examples_are_in_train_only(structured_runs):
-    (manifest, train, held_out, _), _ = structured_runs
+    (manifest, train, held_out), _ = structured_runs
     synthetic = [r for r in train if r["source"] == "synthetic"]
     assert len(synthetic) == manifest["synthesis"]["counts"]["kept"] == manifest["split"]["synthetic_in_train"]
     assert {r["source"] for r in held_out} == {"captured"} and "train only" in manifest["split"]["synthetic"]
@@ -276,14 +278,14 @@ def test_vllm_synthetic_examples_are_in_train_only(structured_runs):
 
 
 def test_vllm_rerun_pays_nothing_twice(structured_runs):
-    (first, train, _, _), (again, train_again, _, seconds) = structured_runs
+    (first, train, _), (again, train_again, _) = structured_runs
     assert again["dollars"]["spent_this_run_usd"] == 0 and again["synthesis"]["counts"]["calls_cached"] == 2
     assert again["dollars"]["cached_usd"] == pytest.approx(first["dollars"]["spent_this_run_usd"])
     assert [r for r in train_again if r["source"] == "synthetic"] == [r for r in train if r["source"] == "synthetic"]
 
 
 def test_vllm_free_text_answers_are_parsed_or_rejected_never_a_crash(vllm_build):
-    manifest, train, _, _ = vllm_build("--synthesize", "4")
+    manifest, train, _ = vllm_build("--synthesize", "4")
     counts = manifest["synthesis"]["counts"]
     assert counts["calls_paid"] == 1 and counts["answers_without_array"] + counts["generated"] + counts[
         "items_rejected"] >= 1

@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import hashlib
 import shlex
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, ContextManager, TypeVar
+from typing import Any, TypeVar
 
 from arbitrage.config import Config
 from arbitrage.errors import ConfigError, UpstreamError
@@ -39,7 +40,7 @@ SYNTHETIC_SPLIT = "train only: synthetic inputs never enter the eval split, so e
 
 DOLLAR_DIGITS = 10
 
-ProgressBar = Callable[[str, int, float], ContextManager[Progress]]
+ProgressBar = Callable[[str, int, float], AbstractContextManager[Progress]]
 """Given (what is done, calls to make, budget in dollars), a context that yields the progress callback."""
 
 T = TypeVar("T")
@@ -172,8 +173,8 @@ def synthesize_examples(work: TeacherWork, plan: synthesize.Plan, existing: list
     if generation.stopped_by_budget and not generation.entries:
         raise ConfigError(f"--budget-usd {cfg.budget_usd} cannot pay for a single generation call "
                           f"(${work.budget.spent:.6f} spent before it in this run; the next call could cost up to "
-                          f"${generation.next_call_bound_usd:.6f}; a smaller --synthesize-max-tokens lowers that); answers "
-                          f"received are cached, so a re-run with a larger budget does not pay for them again")
+                          f"${generation.next_call_bound_usd:.6f}; a smaller --synthesize-max-tokens lowers that); "
+                          f"answers received are cached, so a re-run with a larger budget does not pay for them again")
     generated = synthesize.read_answers(plan, generation)
     fresh, exact, near = synthesize.drop_known(generated.examples, existing, cfg.near_duplicate_threshold)
     labelling = work.run("labelling new inputs", len(fresh), lambda progress: work.teacher.relabel(
@@ -184,8 +185,8 @@ def synthesize_examples(work: TeacherWork, plan: synthesize.Plan, existing: list
     return Synthesis(plan, generation, generated, labelling, counts, examples)
 
 
-def synthesis_counts(cfg: BuildConfig, plan: synthesize.Plan, generation: TeacherRun,
-                     generated: synthesize.Generated, exact: int, near: int, labelling: RelabelResult) -> dict[str, int]:
+def synthesis_counts(cfg: BuildConfig, plan: synthesize.Plan, generation: TeacherRun, generated: synthesize.Generated,
+                     exact: int, near: int, labelling: RelabelResult) -> dict[str, int]:
     """From inputs asked for to inputs labelled, in pipeline order."""
     return {
         "asked": cfg.synthesize, "calls": len(plan.calls), "calls_paid": generation.paid,

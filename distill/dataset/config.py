@@ -110,8 +110,9 @@ class BuildConfig(DocumentedFields):
             (self.synthesize_per_call >= 1, "--synthesize-per-call must be at least 1"),
             (self.synthesize_shots >= 1, "--synthesize-shots must be at least 1"),
             (self.synthesize_max_tokens >= 1, "--synthesize-max-tokens must be at least 1"),
-            (0 < self.synthesize_temperature <= 2, "--synthesize-temperature must be more than 0 (identical "
-             "prompts would give identical inputs) and at most 2"),
+            (0 < self.synthesize_temperature <= 2,
+             ("--synthesize-temperature must be more than 0 (identical prompts would give identical inputs) "
+              "and at most 2")),
         )
         for ok, message in checks:
             if not ok:
