@@ -95,7 +95,8 @@ def store(tmp_path_factory) -> Path:
     adapter(data_dir, "intents", 1, 3600)
     adapter(data_dir, "intents", 2, 1800)
     dataset(data_dir, "summaries", 1, 1.0)
-    (data_dir / "adapters" / "intents" / ".v3.partial").mkdir()  # an unfinished run is no adapter
+    manifest(data_dir / "adapters" / "intents" / "v3.partial", {"path": "intents", "timing": {"wall_seconds": 9e9}})
+    manifest(data_dir / "datasets" / "intents" / ".building-x" / "v1", {"path": "intents", "dollars": {}})
     return data_dir
 
 
