@@ -325,7 +325,7 @@ def total_roi(paths: list[PathROI]) -> PathROI:
     if skipped:
         total.missing.append(f"not projected, so not in the monthly sums: {', '.join(skipped)}")
     for name in ("before_usd", "upstream_usd", "local_usd", "shadow_usd", "now_usd", "savings_usd"):
-        setattr(total, name, _sum(projected, lambda p: getattr(p, name), total, name) if projected else None)
+        setattr(total, name, _sum(projected, lambda p, n=name: getattr(p, n), total, name) if projected else None)
     starts = [p.savings_start for p in paths if p.savings_start and p.one_time.adapters]
     total.savings_start = min(starts, default=None)
     _breakeven(total)
@@ -342,17 +342,19 @@ def _sum(paths: list[PathROI], value, total: PathROI, what: str) -> float | None
 
 def assumptions(settings: EconomicsSettings, serving: dict[str, float]) -> list[str]:
     """How the numbers were computed, printed with them."""
+    training = (f"${settings.training_usd_per_hour:g}/hour" if settings.training_usd_per_hour is not None
+                else "a training price that is not set")
     return [
-        f"monthly = dollars in the window / the path's observed span (first to last call) x {DAYS_PER_MONTH} days; "
-        f"spans under {MIN_PROJECTION_SPAN / timedelta(hours=1):g} h are not projected; a month is {DAYS_PER_MONTH} days",
-        "spend before = the counterfactual upstream cost of every call; spend now = upstream dollars paid "
-        "(fallbacks included) + local serving + shadow and audit calls",
+        (f"monthly = dollars in the window / the path's observed span (first to last call) x {DAYS_PER_MONTH} "
+         f"days; spans under {MIN_PROJECTION_SPAN / timedelta(hours=1):g} h are not projected; "
+         f"a month is {DAYS_PER_MONTH} days"),
+        ("spend before = the counterfactual upstream cost of every call; spend now = upstream dollars paid "
+         "(fallbacks included) + local serving + shadow and audit calls"),
         _serving_assumption(settings, serving),
-        "one-time = teacher dollars of every dataset build (cached answers counted once) + wall time of every "
-        "training run x " + (f"${settings.training_usd_per_hour:g}/hour" if settings.training_usd_per_hour is not None
-                             else "a training price that is not set"),
-        f"savings accrue at the window's monthly rate from the path's first locally served call; "
-        f"{RETURN_MONTHS}-month return = {RETURN_MONTHS} x monthly savings - one-time cost",
+        ("one-time = teacher dollars of every dataset build (cached answers counted once) + wall time of every "
+         f"training run x {training}"),
+        (f"savings accrue at the window's monthly rate from the path's first locally served call; "
+         f"{RETURN_MONTHS}-month return = {RETURN_MONTHS} x monthly savings - one-time cost"),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from datetime import UTC, datetime, timedelta
@@ -97,7 +98,7 @@ def render(report: Report) -> str:
     for p in [*report.paths, report.total]:
         table.add_row(*_row(p), end_section=bool(report.paths) and p is report.paths[-1])
     console = Console(width=max(120, _terminal_width()), record=True, markup=False, highlight=False,
-                      file=open(os.devnull, "w"))
+                      file=io.StringIO())
     console.print(table)
     body = console.export_text().rstrip() if report.paths else "no calls, datasets or adapters found"
     head = f"ROI since {_when(report.since)} (to {_when(report.now)}); dollars per {DAYS_PER_MONTH}-day month\n"

@@ -10,7 +10,6 @@ must return data now.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import shutil
 import time
