@@ -12,6 +12,7 @@ import click
 from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, friendly_errors
 from arbitrage.config import load_config
 from distill.build_command import distill
+from distill.eval_command import evaluate as distill_eval
 from distill.paths_command import paths
 from distill.roi_command import roi
 from distill.train_command import base as distill_base
@@ -209,6 +210,7 @@ main.add_command(paths)
 main.add_command(roi)
 distill.add_command(distill_base)
 distill.add_command(distill_train)
+distill.add_command(distill_eval)
 main.add_command(distill)
 
 

@@ -195,6 +195,49 @@ class EconomicsSettings(_Section):
             raise ValueError("economics: prices must be >= 0")
 
 
+class LocalSettings(_Section):
+    """The local model server (vLLM): started by ``arbitrage local up`` or run by someone else (``url``)."""
+
+    url: str | None = None
+    """Base URL of a vLLM that someone else runs (``http://host:8000/v1``); unset: ``arbitrage local up`` starts one."""
+    api_key_env: str | None = None
+    """Environment variable holding that server's API key, if it wants one."""
+    base: str = "smollm2-135m-instruct"
+    """Base model the server loads: the packaged default, or a Hugging Face model folder."""
+    served_model_name: str = "base"
+    """Name the base model is served under (adapters are served under their own names)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    python: str | None = None
+    """Interpreter with vLLM installed [default: $ARBITRAGE_VLLM_PYTHON, else .venv-vllm/bin/python beside
+    this installation's environment, else this interpreter]."""
+    max_model_len: int = 2048
+    max_lora_rank: int = 64
+    max_loras: int = 4
+    """Adapters in one batch (vLLM's --max-loras)."""
+    kv_cache_gib: int = 1
+    """KV cache of the CPU build (VLLM_CPU_KVCACHE_SPACE), in GiB."""
+    extra_args: list[str] = msgspec.field(default_factory=list)
+    """More vLLM server arguments, as given."""
+    startup_timeout_s: float = 600.0
+    """Longest wait for the server to become healthy after ``arbitrage local up``."""
+    timeout_s: float = 30.0
+    """Longest wait for one local answer (the route falls back upstream after a shorter per-path timeout)."""
+
+    def __post_init__(self) -> None:
+        if self.url is not None and (urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).netloc):
+            raise ValueError(f"local.url must be an http(s) URL, got {self.url!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"local.port must be 1-65535, got {self.port}")
+        if min(self.max_model_len, self.max_lora_rank, self.max_loras, self.kv_cache_gib) < 1:
+            raise ValueError("local: max_model_len, max_lora_rank, max_loras and kv_cache_gib must be at least 1")
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible base URL of the server."""
+        return (self.url or f"http://{self.host}:{self.port}/v1").rstrip("/")
+
+
 class Config(_Section):
     """The whole configuration."""
 
@@ -204,6 +247,7 @@ class Config(_Section):
     capture: CaptureSettings = msgspec.field(default_factory=CaptureSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     economics: EconomicsSettings = msgspec.field(default_factory=EconomicsSettings)
+    local: LocalSettings = msgspec.field(default_factory=LocalSettings)
 
     def __post_init__(self) -> None:
         names = [u.name for u in self.upstreams]

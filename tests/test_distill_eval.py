@@ -1,0 +1,132 @@
+"""``arbitrage distill eval``: a real adapter (a few real LoRA steps on the SmolLM2 base) served by
+the session's real vLLM (CPU build), compared with the teacher's answers.
+
+The task is one the adapter learns in a few steps (every training answer is the same JSON), and
+the eval split's teacher answers disagree with it on known examples, so agreement and the
+per-example verdicts have exact expected values.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from distill.dataset.source import Example
+from distill.dataset.writer import write_dataset
+from distill.eval_command import evaluate as eval_command
+from distill.training.config import TrainConfig
+
+PATH = "support/intents"
+ANSWER = json.dumps({"intent": "card_arrival"})
+OTHER = json.dumps({"intent": "lost_or_stolen_card"})
+TRAIN_CSV = Path(__file__).parent.parent / "simulator" / "data" / "banking77" / "train.csv"
+PROMPT = "Classify the customer's message; answer in JSON."
+
+
+def write_version(data_dir: Path) -> Path:
+    """24 training examples all answered ANSWER; 8 eval examples, the last 2 answered OTHER by the teacher."""
+    with TRAIN_CSV.open(newline="") as stream:
+        texts = [r["text"] for r in list(csv.DictReader(stream))[::250][:32]]
+    examples = [Example(f"req-{i}", ({"role": "user", "content": t},), PROMPT, ANSWER) for i, t in enumerate(texts)]
+    held_out = examples[24:30] + [Example(e.request_id, e.input_messages, PROMPT, OTHER) for e in examples[30:]]
+    return write_dataset(data_dir / "datasets" / PATH, {"train": examples[:24], "eval": held_out},
+                         {"path": PATH, "config": {"answer_format": "json"}})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, models_dir, base_folder) -> Path:
+    """A data dir holding the dataset and a 30-step adapter trained on it."""
+    from distill.training.train import train
+
+    data_dir = tmp_path_factory.mktemp("eval")
+    write_version(data_dir)
+    cfg = TrainConfig(path=PATH, max_steps=30, learning_rate=2e-3, batch_size=4, grad_accumulation=1,
+                      max_seq_len=128, eval_steps=1000, save_steps=1000, logging_steps=10)
+    train(cfg, data_dir, ["pytest"], models_dir=models_dir, progress=False)
+    return data_dir
+
+
+def run_eval(data_dir: Path, *args: str):
+    return CliRunner().invoke(eval_command, [PATH, "--data-dir", str(data_dir), *args])
+
+
+def test_eval_measures_agreement_confidence_and_the_curve(trained, vllm):
+    result = run_eval(trained, "--vllm-url", vllm.base_url, "--target", "0.75", "--min-samples", "1")
+    assert result.exit_code == 0, result.output
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    predictions = pq.read_table(folder / "predictions.parquet").to_pylist()
+
+    assert folder == trained / "evals" / PATH / "v1" / "v1"
+    assert (manifest["examples"], manifest["errors"], manifest["comparator"]) == (8, 0, "json")
+    assert [p["answer"] for p in predictions] == [ANSWER] * 8, "the adapter learned its one answer"
+    assert [p["agreed"] for p in predictions] == [True] * 6 + [False] * 2
+    assert manifest["agreement"] == 0.75
+    assert all(0 < p["confidence"] <= p["confidence_min"] <= 1 for p in predictions)
+    curve = pq.read_table(folder / "curve.parquet").to_pylist()
+    assert curve[0]["coverage"] == 1.0 and curve[0]["agreement"] == 0.75
+    assert [c["threshold"] for c in curve] == sorted(c["threshold"] for c in curve)
+    assert manifest["at_target"]["coverage"] == 1.0
+    assert (folder / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "75.0% agreement" in result.stderr and "served" in result.stderr
+    assert vllm.base_url and f"{PATH}/v1" in _served(vllm)
+
+
+def test_a_second_eval_is_a_new_version_and_the_adapter_stays_loaded(trained, vllm):
+    result = run_eval(trained, "--vllm-url", vllm.base_url, "--max-examples", "2", "--comparator", "exact")
+    assert result.exit_code == 0, result.output
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (folder.name, manifest["examples"], manifest["agreement"]) == ("v2", 2, 1.0)
+    assert manifest["at_target"] is None or manifest["at_target"]["agreement"] >= 0.99
+
+
+def _served(vllm) -> list[str]:
+    from deploy.vllm import LocalClient
+
+    return [m["id"] for m in LocalClient(vllm.base_url).models()]
+
+
+# Bad input: clear messages, nothing written
+
+
+def test_unknown_path_and_version_are_clear_errors(trained, tmp_path):
+    result = CliRunner().invoke(eval_command, ["nope", "--data-dir", str(trained)])
+    assert result.exit_code == 1 and "no adapter for path 'nope'" in result.output
+    assert "train one with `arbitrage distill train nope`" in result.output
+    result = run_eval(trained, "--adapter", "v9")
+    assert result.exit_code == 1 and "has no adapter v9 (versions: v1)" in result.output
+    result = run_eval(trained, "--adapter", "latest")
+    assert result.exit_code == 1 and "--adapter must look like v1" in result.output
+    result = run_eval(trained, "--target", "1.5")
+    assert result.exit_code == 1 and "--target must be more than 0 and at most 1" in result.output
+
+
+def test_unreachable_vllm_is_a_clear_error_and_writes_nothing(trained):
+    before = sorted((trained / "evals").rglob("*")) if (trained / "evals").exists() else []
+    result = run_eval(trained, "--vllm-url", "http://127.0.0.1:9/v1")
+    assert result.exit_code == 1 and "no healthy vLLM at http://127.0.0.1:9/v1" in result.output
+    assert "Traceback" not in result.output
+    after = sorted((trained / "evals").rglob("*")) if (trained / "evals").exists() else []
+    assert after == before
+
+
+def test_corrupt_eval_split_is_a_clear_error(trained, tmp_path):
+    import shutil
+
+    data_dir = tmp_path / "data"
+    shutil.copytree(trained, data_dir, ignore=shutil.ignore_patterns("evals"))
+    manifest_file = data_dir / "adapters" / PATH / "v1" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    dataset = data_dir / "datasets" / PATH / "v1"
+    manifest["dataset"]["folder"] = str(dataset)
+    manifest_file.write_text(json.dumps(manifest))
+    (dataset / "eval.parquet").write_bytes(b"not parquet at all")
+    result = run_eval(data_dir, "--vllm-url", "http://127.0.0.1:9/v1")
+    assert result.exit_code == 1 and "cannot read the eval split" in result.output
+    assert not (data_dir / "evals").exists()
