@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 from arbitrage.capture.redaction import Redactor, luhn_valid, redactor_for
@@ -103,3 +105,12 @@ def test_store_writes_only_redacted_bodies(tmp_path):
     store.close()
     assert b"555 0100" not in b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert connect(tmp_path).execute("SELECT request FROM calls").fetchall() == [('{"c":"call [PHONE]"}',)]
+
+
+@given(st.text(alphabet="0123456789 ()+-.a@x", max_size=60))
+@settings(max_examples=500, deadline=None)
+def test_scanning_number_runs_only_equals_running_the_rules_on_everything(text):
+    whole = text
+    for pattern, replacement in REDACT._numbers:
+        whole = pattern.sub(replacement, whole)
+    assert REDACT._redact_numbers(text) == whole
