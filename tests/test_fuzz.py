@@ -147,8 +147,14 @@ def test_any_json_decodes_or_gets_a_400(request_type, value):
     decodes_or_refuses(json.dumps(value).encode(), request_type)  # json, not orjson: integers past 64 bits too
 
 
-@given(body=st.fixed_dictionaries({"model": st.text(), "messages": st.lists(st.fixed_dictionaries(
-    {"role": st.text(), "content": st.text() | st.none()}), max_size=3)}, optional={"extra": JSON}))
+TEXT = st.text(st.characters(blacklist_categories=("Cs",)))  # lone surrogates are not text: they get a 400
+VALID_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                          | TEXT, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+                          max_leaves=20)
+
+
+@given(body=st.fixed_dictionaries({"model": TEXT, "messages": st.lists(st.fixed_dictionaries(
+    {"role": TEXT, "content": TEXT | st.none()}), max_size=3)}, optional={"extra": VALID_JSON}))
 @settings(max_examples=200, deadline=None)
 def test_well_typed_chat_requests_always_decode(body):
     parsed = msgspec.json.decode(json.dumps(body).encode(), type=ChatCompletionRequest)
