@@ -28,12 +28,15 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
 from arbitrage.errors import ConfigError
+
+if TYPE_CHECKING:
+    from router.policy import RoutePolicy
 
 DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
 _S3_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^?#]*)?")
@@ -248,11 +251,19 @@ class Config(_Section):
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
     economics: EconomicsSettings = msgspec.field(default_factory=EconomicsSettings)
     local: LocalSettings = msgspec.field(default_factory=LocalSettings)
+    routes: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    """Routing policy per call path (``[routes."<path>"]`` tables, fields in router/policy.py); edits made
+    through the admin API are kept in ``<data_dir>/routes.json`` and override these, path by path."""
 
     def __post_init__(self) -> None:
         names = [u.name for u in self.upstreams]
         if len(names) != len(set(names)):
             raise ValueError(f"upstream names must be unique, got {names}")
+        for path, raw in self.routes.items():
+            try:
+                route_policy(path, raw)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
 
     @property
     def data_dir(self) -> Path:
@@ -263,6 +274,35 @@ class Config(_Section):
     def capture_url(self) -> str | None:
         """The s3:// URL compacted Parquet goes to; None when it stays under data_dir."""
         return self.gateway.data_dir if self.gateway.data_dir.startswith("s3://") else None
+
+
+def route_policy(path: str, raw: Any) -> RoutePolicy:
+    """Decode and check one path's policy (ConfigError naming the route and the field): its fields,
+    the path name (it becomes folders), and the adapter, a version of this path's adapter ("v3",
+    which vLLM serves as "<path>/v3")."""
+    from router.policy import RoutePolicy
+
+    check_route_path(path)
+    policy = RoutePolicy.from_dict(raw, where=f'routes."{path}"')
+    check_route_adapter(path, policy)
+    return policy
+
+
+def check_route_adapter(path: str, policy: RoutePolicy) -> None:
+    """The policy's adapter, if any, must be a version name like "v3" (ConfigError otherwise)."""
+    if policy.adapter is not None and not re.fullmatch(r"v[0-9]+", policy.adapter):
+        raise ConfigError(f'routes."{path}": adapter must be a version of this path\'s adapter like "v3" '
+                          f'(served as "{path}/v3"), got {policy.adapter!r}')
+
+
+def check_route_path(path: str) -> None:
+    """A call path name becomes folders (adapters, evals): ConfigError unless it is a usable one."""
+    from distill.dataset.config import check_path_name
+
+    try:
+        check_path_name(path)
+    except ConfigError as exc:
+        raise ConfigError(f"routes: {exc}") from None
 
 
 def load_config(path: str | Path | None = None, **overrides) -> Config:

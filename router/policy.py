@@ -5,7 +5,7 @@ strict: unknown keys and bad values stop with a ``ConfigError`` naming the field
 
     [routes."support-intents"]
     mode = "canary"
-    adapter = "support-intents/v3"
+    adapter = "v3"
     share = 10
     threshold = 0.8
     output = "json"
@@ -130,7 +130,8 @@ class RoutePolicy(_Strict):
     mode: Mode = "off"
     """off | shadow | canary | local."""
     adapter: str | None = None
-    """LoRA adapter name as vLLM serves it (e.g. "banking/v3"); needed in every mode but off."""
+    """Version of this path's adapter (e.g. "v3": ``<data_dir>/adapters/<path>/v3``, which vLLM serves
+    as "<path>/v3"); needed in every mode but off. The config and the route table check the form."""
     share: float = 0.0
     """Percent (0-100) of requests tried locally; 0 in shadow mode; local mode means 100 unless set."""
     threshold: float = 0.0
@@ -181,7 +182,7 @@ class RoutePolicy(_Strict):
 
     def _check_mode(self) -> None:
         if self.mode in MODES_NEEDING_ADAPTER and not self.adapter:
-            raise PolicyError(f"mode {self.mode!r} needs an adapter (set `adapter`, e.g. \"my-path/v1\")")
+            raise PolicyError(f"mode {self.mode!r} needs an adapter (set `adapter`, e.g. \"v1\")")
         if self.mode == "shadow" and self.share != 0:
             raise PolicyError(f"share must be 0 in shadow mode (upstream serves everything), got {self.share}")
         if self.mode == "local" and self.share == 0:

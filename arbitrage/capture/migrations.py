@@ -96,6 +96,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             ("error", pa.string()),            # why no comparison was possible, else NULL
         ),
     ),
+    Migration(
+        "0004_create_route_changes",
+        "route_changes",
+        (
+            ("change_id", pa.string()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("path", pa.string()),
+            ("actor", pa.string()),            # admin | ramp | ... (who changed the policy)
+            ("action", pa.string()),           # set | update | promote | rollback | raise | ...
+            ("mode_before", pa.string()),      # NULL when the path had no policy before
+            ("mode_after", pa.string()),
+            ("share_before", pa.float64()),
+            ("share_after", pa.float64()),
+            ("threshold_before", pa.float64()),
+            ("threshold_after", pa.float64()),
+            ("reason", pa.string()),
+            ("evidence", pa.string()),         # JSON text (e.g. the ramp's agreement counts and bounds), or NULL
+        ),
+    ),
 )
 
 
