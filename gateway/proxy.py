@@ -66,6 +66,14 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     receive: Callable[[], Awaitable[dict]] | None = None
     """The client connection's ASGI receive, to notice a client that leaves early."""
+    served_by: str = SERVED_BY_UPSTREAM
+    """upstream | local | fallback (tried locally, answered upstream)."""
+    route_reason: str = ROUTE_NO_LOCAL
+    adapter: str | None = None
+    confidence: float | None = None
+    local_latency_ms: float | None = None
+    on_recorded: Callable[[dict], None] | None = None
+    """Called with the call's record once it is written (the router's shadow comparisons)."""
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -212,25 +220,33 @@ class Proxy:
         self.record(call, upstream, outcome)
 
     def record(self, call: Call, upstream: Upstream, outcome: Outcome) -> None:
-        """Write the call's one record and count it in the metrics."""
-        usage = outcome.usage or {}
-        prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
-        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        """Write the call's one record (answered upstream) and count it in the metrics."""
+        prompt, cached, completion = token_counts(outcome.usage)
         cost = self._cost(call, upstream, outcome, prompt, cached, completion)
+        self.write(call, upstream.name, outcome, cost, cost)
+
+    def write(self, call: Call, upstream_name: str | None, outcome: Outcome, cost: float | None,
+              counterfactual: float | None) -> dict:
+        """Write one record with the given dollars (the local route's records come here directly)."""
+        prompt, cached, completion = token_counts(outcome.usage)
         self.on_spend(call.key_id, cost)
         record = {
             "request_id": call.request_id, "ts": call.ts, "key_id": call.key_id, "path": call.path,
-            "endpoint": call.endpoint, "model": call.model, "upstream": upstream.name,
-            "response_model": outcome.response_model, "served_by": SERVED_BY_UPSTREAM,
-            "route_reason": ROUTE_NO_LOCAL, "status_code": outcome.status_code, "error_type": outcome.error_type,
+            "endpoint": call.endpoint, "model": call.model, "upstream": upstream_name,
+            "response_model": outcome.response_model, "served_by": call.served_by,
+            "route_reason": call.route_reason, "status_code": outcome.status_code, "error_type": outcome.error_type,
             "stream": call.stream, "prompt_tokens": prompt, "cached_tokens": cached,
-            "completion_tokens": completion, "cost_usd": cost, "counterfactual_cost_usd": cost,
+            "completion_tokens": completion, "cost_usd": cost, "counterfactual_cost_usd": counterfactual,
             "priced": cost is not None, "latency_ms": call.elapsed_ms(), "ttft_ms": outcome.ttft_ms,
             "upstream_attempts": outcome.attempts, "request": call.body.decode("utf-8", "replace"),
-            "response": outcome.response,
+            "response": outcome.response, "adapter": call.adapter, "confidence": call.confidence,
+            "local_latency_ms": call.local_latency_ms,
         }
         self._append(record)
         self._observe(call, record)
+        if call.on_recorded is not None:
+            call.on_recorded(record)
+        return record
 
     def _cost(self, call: Call, upstream: Upstream, outcome: Outcome, prompt: int, cached: int,
               completion: int) -> float | None:
@@ -263,6 +279,7 @@ class Proxy:
             m.unpriced.labels(path).inc()
         else:
             m.cost.labels(path, served).inc(record["cost_usd"])
+        if record["counterfactual_cost_usd"] is not None:
             m.counterfactual_cost.labels(path).inc(record["counterfactual_cost_usd"])
 
     def _headers(self, call: Call, reply: UpstreamReply) -> dict[str, str]:
@@ -315,6 +332,13 @@ ERROR_LABELS = frozenset({"stream_cut_off", "upstream_timeout", "client_disconne
 
 def _error_label(error_type: str) -> str:
     return error_type if error_type in ERROR_LABELS else "other"
+
+
+def token_counts(usage: dict | None) -> tuple[int, int, int]:
+    """(prompt, cached, completion) tokens of an OpenAI usage object."""
+    usage = usage or {}
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return usage.get("prompt_tokens") or 0, cached, usage.get("completion_tokens") or 0
 
 
 def _outcome(reply: UpstreamReply, content: bytes, parsed: dict | None) -> Outcome:

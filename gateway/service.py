@@ -19,14 +19,17 @@ from litestar import Litestar, Request, Response
 
 from arbitrage.capture.store import CaptureStore
 from arbitrage.config import Config
-from arbitrage.errors import ConfigError, InvalidRequestError, NotFoundError, UpstreamError
+from arbitrage.errors import ConfigError, InvalidRequestError, NotFoundError, StoreError, UpstreamError
 from arbitrage.keys import KeyStore
 from arbitrage.pricing import PriceBook
 from gateway.auth import Authenticator
 from gateway.limits import Quotas
+from gateway.local import BackgroundWork, LocalBackend
 from gateway.metrics import Metrics
 from gateway.paths import METADATA_KEY, PATH_HEADER, derived_path, explicit_path
 from gateway.proxy import Call, Proxy, StreamAssembler
+from gateway.route_table import RouteTable
+from gateway.routing import Router, answer_text, upstream_json
 from gateway.upstream import TRANSPORT_ERRORS, Upstream, UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,13 @@ class Gateway:
         self.proxy.on_spend = self.quotas.spend
         self.pool = UpstreamPool([])
         self._background: asyncio.Task | None = None
+        self.routes = RouteTable(config, on_change=self._on_route_change)
+        self.local = LocalBackend(config.local, self.metrics)
+        self.shadow_work = BackgroundWork(self.metrics)
+        self.router = Router(self.routes, self.local, self.proxy, self.store, self.proxy.prices, self.metrics,
+                             self.shadow_work)
+        self.router.ask_upstream = self._ask_upstream
+        self._route_loop: asyncio.Task | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: Litestar):
@@ -88,16 +98,63 @@ class Gateway:
         self.pool = UpstreamPool([Upstream(u, self.metrics) for u in self.config.upstreams])
         self.pool.open()
         self._background = asyncio.create_task(self.store.run_background(self._on_compaction))
+        self.local.open()
+        self._route_loop = asyncio.create_task(self._watch_routes())
         gc.collect()
         gc.freeze()  # startup objects leave the collector's view: full collections went from 20-33 ms to ~10
         try:
             yield
         finally:
+            self._route_loop.cancel()
+            await self.shadow_work.drain()
             self._background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._background
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._route_loop
+            await self.local.close()
             await self.pool.aclose()
             await asyncio.to_thread(self.store.close)
+
+    async def _watch_routes(self) -> None:
+        """Every second: policies edited by another worker or the admin API, vLLM's health, and
+        the adapters the policies need kept loaded."""
+        published = None
+        while True:
+            try:
+                self.routes.refresh()
+                policies = self.routes.policies()
+                if policies != published:
+                    for path, policy in policies.items():
+                        self.router.publish_policy(path, policy)
+                    self._publish_distill_costs(policies)
+                    published = policies
+                if policies or self.config.local.url:
+                    await self.local.reconcile(self.routes.needed_adapters())
+            except Exception:  # the loop must outlive one bad round
+                log.exception("route watch failed")
+            await asyncio.sleep(1.0)
+
+    def _publish_distill_costs(self, policies) -> None:
+        from distill.roi import one_time_costs
+
+        try:
+            costs = one_time_costs(self.config.data_dir, self.config.economics)
+        except Exception as exc:  # a report, not a reason to stop routing
+            log.warning("one-time costs unavailable: %s", exc)
+            return
+        for path in policies:
+            if path in costs:
+                self.metrics.distill_cost.labels(self.metrics.path_label(path)).set(costs[path])
+
+    def _on_route_change(self, change) -> None:
+        try:
+            self.store.append("route_changes", change.to_record())
+        except StoreError as exc:
+            log.error("route change of %s not recorded: %s", change.path, exc)
+
+    async def _ask_upstream(self, model: str, body: dict):
+        return await upstream_json(self._upstream_for(model), self.proxy.prices, {**body, "model": model})
 
     def _on_compaction(self, _result, backlog: tuple[int, int]) -> None:
         self.metrics.capture_backlog_segments.set(backlog[0])
@@ -117,12 +174,46 @@ class Gateway:
         call = Call(endpoint.name, endpoint.upstream_path, key_id, path, parsed.model, body, stream=stream,
                     receive=request.receive)
         headers = upstream.headers(request.headers)
+        policy = self.router.policy_for(path) if endpoint.name == "chat.completions" else None
+        if policy is not None:
+            routed = await self._route(call, parsed, body, policy, stream)
+            if routed is not None:
+                return routed
         if not stream:
             forwarded = _without_path_metadata(body) if _has_path_metadata(parsed) else body
             return await self.proxy.unary(call, upstream, headers, forwarded)
         options = parsed.stream_options
         call.wants_usage = bool(options and options.include_usage)
         return await self.proxy.stream(call, upstream, headers, _stream_body(body, parsed), endpoint.assembler())
+
+    async def _route(self, call: Call, parsed, body: bytes, policy, stream: bool) -> Response | None:
+        """The local route: the local answer as the response, or None to forward upstream (a
+        fallback, a request not sampled, or shadow mode, with a shadow comparison scheduled)."""
+        data = orjson.loads(body)
+        options = parsed.stream_options
+        call.wants_usage = not stream or bool(options and options.include_usage)
+        decision = self.router.decide(policy, call, parsed, data)
+        call.route_reason = decision.reason
+        if decision.route == "local":
+            answer = await self.router.try_local(call, policy, data)
+            if answer is not None:
+                if decision.audit:
+                    self.router.audit(policy, call, data, answer.text, answer.confidence)
+                return self.router.respond(call, answer, wants_logprobs=bool(data.get("logprobs")))
+
+        def after_upstream(record: dict) -> None:
+            self.router.note_upstream_cost(record)
+            if decision.shadow and record["status_code"] == 200:
+                text = answer_text(record["response"])
+                if text is not None:
+                    self.router.shadow(policy, call.path, call.request_id, data, text)
+
+        call.on_recorded = after_upstream
+        return None
+
+    def route_status(self, path: str) -> dict:
+        """Live facts about a path's route (for the admin API)."""
+        return self.router.status(path)
 
     def _upstream_for(self, model: str) -> Upstream:
         upstream = self.pool.for_model(model)

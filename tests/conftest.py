@@ -125,3 +125,45 @@ def vllm(base_folder, tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+INTENTS_PATH = "support/intents"
+INTENTS_PROMPT = "Classify the customer's message; answer in JSON."
+CARD_ARRIVAL = json.dumps({"intent": "card_arrival"})
+BANKING77_TRAIN = Path(__file__).parent.parent / "simulator" / "data" / "banking77" / "train.csv"
+
+
+def banking77(category: str | None = None, *, other_than: str | None = None, every: int = 1) -> list[str]:
+    """Banking77 training texts (of one category, or of any other), every ``every``-th."""
+    import csv
+
+    with BANKING77_TRAIN.open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    return [r["text"] for r in rows if (category is None or r["category"] == category)
+            and (other_than is None or r["category"] != other_than)][::every]
+
+
+@pytest.fixture(scope="session")
+def intents_adapter(tmp_path_factory, models_dir, base_folder) -> Path:
+    """A data dir with a dataset of INTENTS_PATH and a real 30-step LoRA adapter (v1) trained on it.
+
+    Every training answer is CARD_ARRIVAL, so the adapter reliably answers it; the eval split's
+    teacher answers are CARD_ARRIVAL for 6 examples and another intent for the last 2.
+    """
+    from distill.dataset.source import Example
+    from distill.dataset.writer import write_dataset
+    from distill.training.config import TrainConfig
+    from distill.training.train import train
+
+    data_dir = tmp_path_factory.mktemp("intents")
+    texts = banking77(every=250)[:32]
+    examples = [Example(f"req-{i}", ({"role": "user", "content": t},), INTENTS_PROMPT, CARD_ARRIVAL)
+                for i, t in enumerate(texts)]
+    other = json.dumps({"intent": "lost_or_stolen_card"})
+    held_out = examples[24:30] + [Example(e.request_id, e.input_messages, INTENTS_PROMPT, other) for e in examples[30:]]
+    write_dataset(data_dir / "datasets" / INTENTS_PATH, {"train": examples[:24], "eval": held_out},
+                  {"path": INTENTS_PATH, "config": {"answer_format": "json"}})
+    cfg = TrainConfig(path=INTENTS_PATH, max_steps=30, learning_rate=2e-3, batch_size=4, grad_accumulation=1,
+                      max_seq_len=128, eval_steps=1000, save_steps=1000, logging_steps=10)
+    train(cfg, data_dir, ["pytest"], models_dir=models_dir, progress=False)
+    return data_dir

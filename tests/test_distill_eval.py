@@ -8,46 +8,26 @@ per-example verdicts have exact expected values.
 
 from __future__ import annotations
 
-import csv
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from distill.dataset.source import Example
-from distill.dataset.writer import write_dataset
 from distill.eval_command import evaluate as eval_command
-from distill.training.config import TrainConfig
+from tests.conftest import CARD_ARRIVAL, INTENTS_PATH
 
-PATH = "support/intents"
-ANSWER = json.dumps({"intent": "card_arrival"})
-OTHER = json.dumps({"intent": "lost_or_stolen_card"})
-TRAIN_CSV = Path(__file__).parent.parent / "simulator" / "data" / "banking77" / "train.csv"
-PROMPT = "Classify the customer's message; answer in JSON."
-
-
-def write_version(data_dir: Path) -> Path:
-    """24 training examples all answered ANSWER; 8 eval examples, the last 2 answered OTHER by the teacher."""
-    with TRAIN_CSV.open(newline="") as stream:
-        texts = [r["text"] for r in list(csv.DictReader(stream))[::250][:32]]
-    examples = [Example(f"req-{i}", ({"role": "user", "content": t},), PROMPT, ANSWER) for i, t in enumerate(texts)]
-    held_out = examples[24:30] + [Example(e.request_id, e.input_messages, PROMPT, OTHER) for e in examples[30:]]
-    return write_dataset(data_dir / "datasets" / PATH, {"train": examples[:24], "eval": held_out},
-                         {"path": PATH, "config": {"answer_format": "json"}})
+PATH = INTENTS_PATH
+ANSWER = CARD_ARRIVAL
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, models_dir, base_folder) -> Path:
-    """A data dir holding the dataset and a 30-step adapter trained on it."""
-    from distill.training.train import train
-
-    data_dir = tmp_path_factory.mktemp("eval")
-    write_version(data_dir)
-    cfg = TrainConfig(path=PATH, max_steps=30, learning_rate=2e-3, batch_size=4, grad_accumulation=1,
-                      max_seq_len=128, eval_steps=1000, save_steps=1000, logging_steps=10)
-    train(cfg, data_dir, ["pytest"], models_dir=models_dir, progress=False)
+def trained(intents_adapter, tmp_path_factory) -> Path:
+    """A copy of the session's data dir with the trained adapter (evals written here stay here)."""
+    data_dir = tmp_path_factory.mktemp("eval") / "data"
+    shutil.copytree(intents_adapter, data_dir)
     return data_dir
 
 
@@ -117,8 +97,6 @@ def test_unreachable_vllm_is_a_clear_error_and_writes_nothing(trained):
 
 
 def test_corrupt_eval_split_is_a_clear_error(trained, tmp_path):
-    import shutil
-
     data_dir = tmp_path / "data"
     shutil.copytree(trained, data_dir, ignore=shutil.ignore_patterns("evals"))
     manifest_file = data_dir / "adapters" / PATH / "v1" / "manifest.json"

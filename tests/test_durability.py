@@ -27,7 +27,7 @@ def slow_sim(tmp_path_factory):
 def dev_gateway(tmp_path, sim) -> Gateway:
     data_dir = tmp_path / "data"
     process = gateway(tmp_path, data_dir, "--dev", "--upstream-url", sim.url + "/v1")
-    return Gateway(process, data_dir, key="any")
+    return Gateway(process, data_dir, key="any", metrics_key="any")
 
 
 def completed_calls(url: str, stop: threading.Event, done: list[str], stream: bool) -> None:
