@@ -11,6 +11,7 @@ from litestar import Litestar, MediaType, Request, Response, get
 from litestar.datastructures import State
 
 from arbitrage.config import Config
+from gateway.admin import ADMIN_ROUTES
 from gateway.auth import require_metrics
 from gateway.chat.routes import chat_completions
 from gateway.completions.routes import completions
@@ -41,7 +42,8 @@ def create_app(config: Config) -> Litestar:
     """The gateway app for one configuration."""
     gateway = Gateway(config)
     return Litestar(
-        route_handlers=[chat_completions, completions, embeddings, list_models, retrieve_model, healthz, metrics],
+        route_handlers=[chat_completions, completions, embeddings, list_models, retrieve_model, healthz, metrics,
+                        *ADMIN_ROUTES],
         lifespan=[gateway.lifespan, gateway.quotas.lifespan],
         on_startup=[gateway.metrics.worker_started],
         on_shutdown=[gateway.metrics.worker_exiting],

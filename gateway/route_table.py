@@ -252,12 +252,17 @@ class RouteTable:
 
 
 _MERGED_TABLES = ("ramp", "comparator")
+_SHARE_ON_ENTERING = {"shadow": 0.0, "local": 100.0}
+"""The share a mode change implies when no share is given (shadow serves nothing locally)."""
 
 
 def merge_fields(current: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     """``fields`` over ``current``; the ``ramp`` and ``comparator`` tables merge key by key, except
-    that a comparator with a new name replaces the old table (its options belong to the old one)."""
+    that a comparator with a new name replaces the old table (its options belong to the old one).
+    Entering shadow mode without a share sets it to 0, entering local mode to 100."""
     merged = {**current, **fields}
+    if "mode" in fields and "share" not in fields and fields["mode"] != current.get("mode"):
+        merged["share"] = _SHARE_ON_ENTERING.get(fields["mode"], merged.get("share"))
     for name in _MERGED_TABLES:
         old, new = current.get(name), fields.get(name)
         if not (isinstance(old, dict) and isinstance(new, dict)):

@@ -81,6 +81,12 @@ def test_update_of_a_new_path_starts_from_the_default_policy(table):
     assert table.history("new/path") == []
 
 
+def test_a_mode_change_without_a_share_implies_one(table):
+    assert table.update("support/intents", {"mode": "shadow"}, actor="admin", reason="t").share == 0
+    assert table.update("support/intents", {"mode": "local"}, actor="admin", reason="t").share == 100
+    assert table.update("support/intents", {"mode": "canary", "share": 5}, actor="admin", reason="t").share == 5
+
+
 def test_merge_keeps_comparator_options_unless_the_comparator_changes():
     current = {"comparator": {"name": "json", "keys": ["intent"]}, "share": 0}
     assert merge_fields(current, {"comparator": {"keys": ["a"]}})["comparator"] == {"name": "json", "keys": ["a"]}
@@ -94,12 +100,12 @@ def test_merge_keeps_comparator_options_unless_the_comparator_changes():
     ({"share": 150}, 'routes."support/intents": share must be within 0-100'),
     ({"share": "ten"}, "Expected `float`, got `str` - at `$.share`"),
     ({"bogus": 1}, "unknown field `bogus`"),
-    ({"mode": "shadow"}, "share must be 0 in shadow mode"),
+    ({"mode": "shadow", "share": 5}, "share must be 0 in shadow mode"),
     ({"adapter": "support/intents/v3"}, 'adapter must be a version of this path\'s adapter like "v3"'),
     ({"ramp": {"target": 2}}, "ramp.target must be within (0, 1]"),
 ])
 def test_bad_values_are_config_errors_naming_the_field(table, fields, message):
-    with pytest.raises(ConfigError, match=None) as caught:
+    with pytest.raises(ConfigError) as caught:
         table.update("support/intents", fields, actor="admin", reason="t")
     assert message in str(caught.value)
     assert table.get("support/intents").share == 10
