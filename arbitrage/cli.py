@@ -11,6 +11,8 @@ import click
 
 from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, friendly_errors
 from arbitrage.config import load_config
+from arbitrage.route_command import route
+from deploy.local_command import local
 from distill.build_command import distill
 from distill.eval_command import evaluate as distill_eval
 from distill.paths_command import paths
@@ -208,6 +210,8 @@ def _terminal_width() -> int:
 main.add_command(sim)
 main.add_command(paths)
 main.add_command(roi)
+main.add_command(route)
+main.add_command(local)
 distill.add_command(distill_base)
 distill.add_command(distill_train)
 distill.add_command(distill_eval)

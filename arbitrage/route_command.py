@@ -1,0 +1,189 @@
+"""``arbitrage route show|set|promote|rollback``: the routing policies of a running gateway,
+through its admin API (gateway/admin.py), so every worker sees a change within a second and the
+change is recorded with its reason.
+
+The gateway is ``--url``, else the config's ``[gateway]`` host and port; the key is
+``--admin-key``, else ``$ARBITRAGE_ADMIN_KEY`` (an ``admin`` key: ``arbitrage keys create NAME --admin``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+from urllib.parse import quote
+
+import click
+import httpx
+
+from arbitrage.cli_options import CONFIG_OPTION, friendly_errors
+from arbitrage.config import load_config
+
+ADMIN_KEY_ENV = "ARBITRAGE_ADMIN_KEY"
+HEADER = ["path", "mode", "share", "threshold", "adapter", "comparator", "history"]
+
+
+def gateway_options(command):
+    """``--url``, ``--admin-key`` and ``--config``, shared by every route command."""
+    options = [
+        click.option("--url", help="The gateway, e.g. http://127.0.0.1:8080 [default: the config's host and port]."),
+        click.option("--admin-key", envvar=ADMIN_KEY_ENV, show_envvar=True,
+                     help="An admin gateway key (arbitrage keys create NAME --admin)."),
+        CONFIG_OPTION,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+class AdminClient:
+    """The few calls the route commands make to ``/admin/routes``; errors become one-line ClickExceptions."""
+
+    def __init__(self, url: str, admin_key: str | None) -> None:
+        self.url = url.rstrip("/")
+        self.has_key = bool(admin_key)
+        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+        self.http = httpx.Client(headers=headers, timeout=30.0)
+
+    def call(self, method: str, path: str = "", action: str = "", **kwargs) -> dict[str, Any]:
+        route = "/admin/routes" + (f"/{quote(path, safe='/')}" if path else "") + (f"/{action}" if action else "")
+        try:
+            response = self.http.request(method, self.url + route, **kwargs)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"no gateway answers at {self.url} ({exc}): is `arbitrage serve` running? "
+                                       f"(--url names another)") from None
+        if response.status_code >= 400:
+            raise click.ClickException(self._refusal(response))
+        return response.json()
+
+    def _refusal(self, response: httpx.Response) -> str:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:300] or response.reason_phrase
+        if response.status_code == 401:
+            hint = "" if self.has_key else f" (give --admin-key or set ${ADMIN_KEY_ENV})"
+            return f"the gateway refused the key: {message}{hint}"
+        if response.status_code == 403:
+            return f"{message} Use an admin key (arbitrage keys create NAME --admin)."
+        return message
+
+
+def _client(url: str | None, admin_key: str | None, config_path: str | None) -> AdminClient:
+    if url is None:
+        gateway = load_config(config_path).gateway
+        host = "127.0.0.1" if gateway.host in ("0.0.0.0", "::", "") else gateway.host
+        url = f"http://{host}:{gateway.port}"
+    return AdminClient(url, admin_key)
+
+
+@click.group()
+def route() -> None:
+    """Show and change the routing policy of call paths on a running gateway."""
+
+
+@route.command("show")
+@click.argument("path", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the policies as JSON.")
+@gateway_options
+@friendly_errors
+def show(path, as_json, url, admin_key, config_path) -> None:
+    """Every path's policy (or PATH's): mode, share, threshold, adapter, comparator."""
+    client = _client(url, admin_key, config_path)
+    routes = {path: client.call("GET", path)} if path else client.call("GET")["routes"]
+    if as_json:
+        click.echo(json.dumps(routes, indent=2))
+    elif not routes:
+        click.echo("no routing policies: every path goes upstream (arbitrage route set PATH --mode shadow ...)")
+    else:
+        click.echo(render(routes))
+
+
+def render(routes: dict[str, dict[str, Any]]) -> str:
+    """The policies as a table, one row per path."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*HEADER, box=None, header_style="bold", pad_edge=False)
+    for path, entry in routes.items():
+        table.add_row(*_row(path, entry))
+    console = Console(width=160, record=True, markup=False, highlight=False, file=io.StringIO())
+    console.print(table)
+    return console.export_text().rstrip()
+
+
+def _row(path: str, entry: dict[str, Any]) -> list[str]:
+    p = entry["policy"]
+    return [path, p["mode"], f"{p['share']:g}%", f"{p['threshold']:g}", p["adapter"] or "-",
+            p["comparator"]["name"], str(entry.get("history", 0))]
+
+
+@route.command("set")
+@click.argument("path")
+@click.option("--mode", type=click.Choice(["off", "shadow", "canary", "local"]),
+              help="off: upstream only; shadow: measure agreement; canary: SHARE % local; local: all local.")
+@click.option("--adapter", help="Adapter version of this path (v3).")
+@click.option("--share", type=click.FloatRange(0, 100), help="Percent of requests tried locally.")
+@click.option("--threshold", type=click.FloatRange(0, 1), help="Serve a local answer only at this confidence or more.")
+@click.option("--comparator", help="How agreement is judged: exact, json, numeric, similarity, judge.")
+@click.option("--shadow-rate", type=click.FloatRange(0, 1), help="Share (0-1) of upstream-served calls also asked locally.")
+@click.option("--audit-rate", type=click.FloatRange(0, 1), help="Share (0-1) of locally served calls also asked upstream.")
+@click.option("--confidence", help="Confidence scorer: joint, min, mean.")
+@click.option("--ramp/--no-ramp", "ramp_enabled", default=None, help="Let the ramp controller move the share.")
+@click.option("--reason", help="Why (kept in the route_changes record).")
+@gateway_options
+@friendly_errors
+def set_route(path, reason, url, admin_key, config_path, **options) -> None:
+    """Change PATH's policy: only the options given change (a new path starts from mode off)."""
+    fields = _fields(options)
+    if not fields:
+        raise click.UsageError("nothing to change: give --mode, --share, --threshold, --adapter, ...")
+    entry = _client(url, admin_key, config_path).call("PUT", path, json=fields, params=_params(reason))
+    click.echo(summary(entry))
+
+
+def _fields(options: dict[str, Any]) -> dict[str, Any]:
+    fields = {k: v for k, v in options.items() if v is not None and k not in ("comparator", "ramp_enabled")}
+    if options.get("comparator"):
+        fields["comparator"] = {"name": options["comparator"]}
+    if options.get("ramp_enabled") is not None:
+        fields["ramp"] = {"enabled": options["ramp_enabled"]}
+    return fields
+
+
+@route.command("promote")
+@click.argument("path")
+@click.option("--adapter", required=True, help="Adapter version of this path to promote (v3).")
+@click.option("--threshold", type=click.FloatRange(0, 1),
+              help="Confidence threshold [default: the latest eval's calibrated one, else its at-target one].")
+@click.option("--reason", help="Why (kept in the route_changes record).")
+@gateway_options
+@friendly_errors
+def promote(path, adapter, threshold, reason, url, admin_key, config_path) -> None:
+    """Put an adapter of PATH in shadow mode (share 0): the gateway loads it and starts measuring."""
+    body = {"adapter": adapter, **({"threshold": threshold} if threshold is not None else {})}
+    entry = _client(url, admin_key, config_path).call("POST", path, "promote", json=body, params=_params(reason))
+    click.echo(summary(entry))
+
+
+@route.command("rollback")
+@click.argument("path")
+@click.option("--reason", help="Why (kept in the route_changes record).")
+@gateway_options
+@friendly_errors
+def rollback(path, reason, url, admin_key, config_path) -> None:
+    """Restore PATH's previous policy (without one: shadow mode, share 0)."""
+    entry = _client(url, admin_key, config_path).call("POST", path, "rollback", params=_params(reason))
+    click.echo(summary(entry))
+
+
+def _params(reason: str | None) -> dict[str, str]:
+    return {"reason": reason} if reason else {}
+
+
+def summary(entry: dict[str, Any]) -> str:
+    """One line: the path's policy now."""
+    p = entry["policy"]
+    adapter = f", adapter {p['adapter']}" if p["adapter"] else ""
+    return (f"{entry['path']}: {p['mode']}, share {p['share']:g}%, threshold {p['threshold']:g}{adapter}, "
+            f"comparator {p['comparator']['name']}")
