@@ -166,3 +166,21 @@ def test_local_up_and_down_refuse_a_server_run_by_someone_else(tmp_path):
 def test_local_down_with_nothing_running(tmp_path):
     result = cli("local", "down", "--data-dir", str(tmp_path))
     assert result.returncode == 0 and "no local model server is running" in result.stdout
+
+
+def test_local_up_status_down_with_a_real_vllm(tmp_path):
+    """The one real start (about a minute of CPU): detached, healthy, a route's missing adapter
+    reported while the server keeps running, status from another process, then down."""
+    config = tmp_path / "arbitrage.toml"
+    config.write_text(f'[local]\nport = {free_port()}\nmax_loras = 2\nmax_lora_rank = 16\nstartup_timeout_s = 300\n'
+                      '[routes."real/path"]\nmode = "shadow"\nadapter = "v1"\n')
+    args = ("--config", str(config), "--data-dir", str(tmp_path / "data"))
+    try:
+        up = cli("local", "up", *args)
+        assert up.returncode == 1 and "vLLM is up (pid" in up.stderr, up.stderr
+        assert "these adapters did not load: real/path/v1: no adapter folder" in up.stderr
+        status = json.loads(cli("local", "status", "--json", *args).stdout)
+        assert (status["healthy"], status["models"], status["missing"]) == (True, ["base"], ["real/path/v1"])
+    finally:
+        down = cli("local", "down", *args)
+    assert down.returncode == 0 and down.stdout.startswith("stopped vLLM (pid"), down.stderr
