@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
+import time
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
@@ -58,7 +61,20 @@ def worker_app() -> Litestar:
     """The app of one worker process (uvicorn's factory); the config comes from ``serve``."""
     config = msgspec.json.decode(os.environ[CONFIG_ENV], type=Config)
     configure_logging(config.gateway.log_level)
+    stop_with_supervisor(os.getppid())
     return create_app(config)
+
+
+def stop_with_supervisor(supervisor: int) -> None:
+    """A worker whose supervisor is gone (kill -9) shuts down gracefully (its journal sealed and
+    compacted) instead of holding the port, so the gateway can be started again."""
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-with-supervisor", daemon=True).start()
 
 
 def serve(config: Config) -> None:

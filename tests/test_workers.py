@@ -19,8 +19,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import UPSTREAM_KEY, Gateway
-from tests.processes import arbitrage, gateway
-from tests.test_durability import alive, children
+from tests.processes import ServerProcess, arbitrage, gateway
+from tests.test_durability import alive, all_gone, children
 
 CONFIG = """
 [gateway]
@@ -179,3 +179,16 @@ def test_metrics_folder_is_removed_when_the_gateway_stops(sim, tmp_path):
     assert len(glob.glob(pattern)) == 1
     gw.process.stop()
     assert glob.glob(pattern) == []
+
+
+def test_workers_of_a_killed_supervisor_stop_and_the_gateway_starts_again(sim, tmp_path):
+    gw = start_workers(tmp_path, sim)
+    sent, pids = send(gw, 20), workers(gw)
+    gw.process.kill9()
+    assert all_gone(pids), "workers outlived their supervisor and hold the port"
+    again = ServerProcess(gw.process.args, gw.process.port, gw.process.log, env=gw.process.env).start()
+    try:
+        counts = recorded_once(gw)
+        assert {counts[r] for r in sent} == {1} and len(send(gw, 4)) == 4
+    finally:
+        again.stop()
