@@ -219,18 +219,30 @@ main.add_command(distill)
 
 
 @main.command()
-@click.option("--data-dir", type=click.Path(file_okay=False), default="./arbitrage-data", show_default=True,
-              help="Where the demo's captured calls go.")
-@click.option("--port", type=int, default=8080, show_default=True, help="Gateway port.")
-@click.option("--requests", type=click.IntRange(1, 10_000), default=200, show_default=True,
-              help="Support queries the demo app sends through the gateway.")
-@click.option("--exit", "exit_after", is_flag=True, help="Stop after the traffic instead of serving on.")
+@click.option("--quick", is_flag=True,
+              help="The small run: 5 intents, a few hundred requests, 100 training steps (under 10 minutes on 2 "
+                   "cores); without it, the benchmark-sized run (all 77 intents, every training text).")
+@click.option("--data-dir", type=click.Path(file_okay=False), default="./arbitrage-demo", show_default=True,
+              help="Each run works in a fresh folder below this one (run-<UTC time>).")
+@click.option("--stop-after", type=click.Choice(["capture", "paths", "build", "train", "serve", "eval", "promote",
+                                                 "ramp", "roi"]), default="roi", show_default=True,
+              help="Stop after this step (every server is stopped either way).")
+@click.option("--vllm-url", metavar="URL",
+              help="Use this running vLLM (serving the SmolLM2 base with runtime LoRA loading) instead of starting one.")
+@click.option("--volume-per-day", type=click.IntRange(1), default=20_000, show_default=True,
+              help="Requests a day on the path, for the breakeven date.")
 @friendly_errors
-def demo(data_dir, port, requests, exit_after) -> None:
-    """Run the gateway in front of the simulator (no API key needed), send app traffic, show the capture."""
-    from arbitrage.demo import run_demo
+def demo(quick, data_dir, stop_after, vllm_url, volume_per_day) -> None:
+    """The whole loop, offline, on real parts: the simulator as the frontier API and the gateway in front of
+    it, app traffic through the openai client, paths, training set, LoRA adapter, evaluation through vLLM,
+    promotion in shadow mode, the ramp on shadow evidence, and the money. Ctrl-C stops everything it started."""
+    from arbitrage.demo import Economics, run_demo
 
-    run_demo(Path(data_dir), port, requests, exit_after)
+    try:
+        run_demo(Path(data_dir), quick, stop_after, vllm_url, Economics(volume_per_day=volume_per_day))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
 
 if __name__ == "__main__":
     sys.exit(main())

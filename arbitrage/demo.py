@@ -1,117 +1,720 @@
-"""The demo: the gateway in front of the simulator, on embedded defaults, with app traffic.
+"""``arbitrage demo``: the whole loop, offline, on real parts, in one command::
 
-Starts ``arbitrage sim`` (a frontier-model stand-in answering Banking77 intents) and
-``arbitrage serve --dev`` in front of it, sends support queries through the official
-``openai`` client exactly as an app would (only the base URL changes), then shows what
-was captured. Both servers keep running until Ctrl-C unless ``exit_after`` is set.
+    arbitrage sim (Banking77 answers at gpt-4o prices)  <-  gateway  <-  the demo app (openai client)
+    1 capture   app traffic through the gateway, recorded
+    2 paths     `arbitrage paths`: the path ranked by spend, with its verdict
+    3 build     `arbitrage distill build PATH`: the training set from the captured pairs
+    4 train     `arbitrage distill train PATH`: a LoRA adapter on SmolLM2-135M
+    5 serve     vLLM (CPU build) with the base model and runtime LoRA loading; the gateway's [local]
+    6 eval      `arbitrage distill eval PATH --vllm-url ...`: agreement, confidence curve, threshold
+    7 promote   admin API: the route's policy, then the adapter promoted in shadow mode
+    8 ramp      traffic keeps flowing; the ramp controller raises the local share on shadow evidence
+    9 roi       `arbitrage roi` and this run's money: spent, saved, local share, agreement, breakeven
+
+Every server runs on loopback in its own process group and is stopped at the end, on Ctrl-C
+and on any failure. Each run works in a fresh folder ``<data-dir>/run-<UTC time>``, so runs
+never mix. ``--quick`` is the small run (a handful of intents, a few hundred requests, about a
+hundred training steps); its settings are printed as the run's assumptions.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import csv
+import json
+import os
 import random
-import socket
+import signal
 import subprocess
-import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+from typing import Any, Self
 
-import click
 import httpx
 
-SYSTEM_PROMPT = ("You are the support router of a bank. Classify the customer's message into exactly one of "
-                 "our 77 intents and answer with JSON: {\"intent\": \"<intent>\"}.")
-SUMMARY = """
-SELECT path, count(*) AS calls, sum(prompt_tokens + completion_tokens) AS tokens,
-       round(sum(cost_usd), 6) AS dollars, round(median(latency_ms), 1) AS p50_ms,
-       count(*) FILTER (WHERE error_type IS NOT NULL) AS errors
-FROM calls GROUP BY path ORDER BY dollars DESC NULLS LAST
+from arbitrage.errors import ArbitrageError, ConfigError
+from arbitrage.server_process import ARBITRAGE, ServerProcess, free_port
+
+PATH = "support-intents"
+"""The demo app's call path (named with the X-Arbitrage-Path header)."""
+MODEL = "gpt-4o"
+SYSTEM_PROMPT = ("You are the support router of a bank. Read the customer's message and classify it into exactly "
+                 "one of our support intents (card arrival, card payment fees, cash withdrawals, transfers, top-ups, "
+                 "identity checks and the rest of the 77 we use). Answer with JSON only, no prose: "
+                 "{\"intent\": \"<intent>\"}.")
+SHORT_PROMPT = "Classify the bank customer's message. Answer with JSON: {\"intent\": \"<intent>\"}."
+STEPS = ("capture", "paths", "build", "train", "serve", "eval", "promote", "ramp", "roi")
+SERVED_BY_HEADER = "x-arbitrage-served-by"
+ROUTING_MODULES = ("gateway/admin.py", "gateway/routing.py")
+"""The gateway's local route and admin API; promote and ramp need both."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The sizes of one demo run (printed at its start as the run's assumptions)."""
+
+    name: str = _help("quick or full.")
+    intents: int | None = _help("Banking77 intents in the traffic (the most frequent ones); None: all 77.")
+    capture_requests: int = _help("App requests captured before distilling.")
+    ramp_requests: int = _help("Most app requests sent while the ramp controller moves the share.")
+    settle_requests: int = _help("Requests sent after the share reaches 100% (to measure the operating point).")
+    train_steps: int | None = _help("Optimizer steps (None: train for `epochs`).")
+    epochs: float = _help("Passes over the training split when train_steps is None.")
+    batch_size: int = _help("Training examples per step.")
+    learning_rate: float = _help("Peak learning rate.")
+    eval_examples: int | None = _help("Eval-split examples asked through vLLM (None: all).")
+    target: float = _help("Agreement the route must reach (eval threshold and ramp target).")
+    floor: float = _help("Agreement below which the ramp rolls back to shadow.")
+    ramp_steps: tuple[float, ...] = _help("Local shares (percent) the ramp moves through.")
+    min_samples: int = _help("Comparisons the ramp needs since the last change before raising the share.")
+    shadow_rate: float = _help("Share of upstream-served requests also asked of the local model.")
+    audit_rate: float = _help("Share of locally served requests also asked upstream (costs upstream dollars).")
+    concurrency: int = _help("App requests in flight at once.")
+    sim_latency_ms: float = _help("Median latency of the simulated frontier API.")
+
+    def assumptions(self) -> list[str]:
+        """One line per setting, with its meaning."""
+        return [f"{f.name} = {getattr(self, f.name)!r}: {f.metadata['help']}" for f in self.__dataclass_fields__.values()
+                if f.name != "name"]
+
+
+QUICK = Profile(name="quick", intents=5, capture_requests=300, ramp_requests=700, settle_requests=60,
+                train_steps=100, epochs=1.0, batch_size=8, learning_rate=1e-3, eval_examples=40, target=0.9,
+                floor=0.8, ramp_steps=(25.0, 50.0, 100.0), min_samples=40, shadow_rate=1.0, audit_rate=0.1,
+                concurrency=6, sim_latency_ms=300.0)
+FULL = Profile(name="full", intents=None, capture_requests=10_003, ramp_requests=3_080, settle_requests=500,
+               train_steps=None, epochs=1.5, batch_size=16, learning_rate=5e-4, eval_examples=None, target=0.95,
+               floor=0.9, ramp_steps=(5.0, 25.0, 50.0, 100.0), min_samples=200, shadow_rate=0.5, audit_rate=0.05,
+               concurrency=16, sim_latency_ms=300.0)
+
+
+@dataclass(frozen=True)
+class Economics:
+    """Prices of your own compute for the ROI (written to the gateway's [economics])."""
+
+    training_usd_per_hour: float = 0.10
+    serving_usd_per_hour: float = 0.10
+    volume_per_day: int = 20_000
+    """Requests a day on the path, for the breakeven date (the demo's own rate says nothing about a day)."""
+
+    def assumptions(self) -> list[str]:
+        return [(f"training and serving machine: ${self.training_usd_per_hour:g}/hour and "
+                f"${self.serving_usd_per_hour:g}/hour (a 2-vCPU cloud VM like this one)"),
+                f"breakeven date at {self.volume_per_day:,} requests a day on the path"]
+
+
+@dataclass
+class Texts:
+    """Labelled Banking77 texts: captured ones (the training side) and fresh ones (the ramp)."""
+
+    capture: list[tuple[str, str]]
+    fresh: list[tuple[str, str]]
+    intents: list[str]
+
+
+def load_texts(profile: Profile, seed: int = 7) -> Texts:
+    """The profile's intents; capture texts from the training file, fresh ones from what is left
+    of it and the test file (never captured, so never trained on)."""
+    train, test = _read_banking("train.csv"), _read_banking("test.csv")
+    counts = Counter(label for _, label in train)
+    intents = sorted(label for label, _ in counts.most_common(profile.intents))
+    chosen = set(intents)
+    rng = random.Random(seed)
+    train = [row for row in train if row[1] in chosen]
+    rng.shuffle(train)
+    capture = train[:profile.capture_requests]
+    fresh = train[profile.capture_requests:] + [row for row in test if row[1] in chosen]
+    rng.shuffle(fresh)
+    return Texts(capture, fresh, intents)
+
+
+def _read_banking(name: str) -> list[tuple[str, str]]:
+    data = resources.files("simulator") / "data" / "banking77" / name
+    with data.open(newline="") as f:
+        return [(row["text"], row["category"]) for row in csv.DictReader(f)]
+
+
+class DemoError(ArbitrageError):
+    """A demo step failed; the message says which and where its output is."""
+
+
+@dataclass
+class Reply:
+    """One app request's outcome as the app sees it."""
+
+    served_by: str
+    correct: bool
+    upstream_usd: float
+
+
+class App:
+    """The demo application: Banking77 texts through the gateway with the official openai client."""
+
+    def __init__(self, base_url: str, key: str, concurrency: int) -> None:
+        import openai
+
+        from arbitrage.pricing import PriceBook
+
+        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=2, timeout=120)
+        self.prices = PriceBook()
+        self.concurrency = concurrency
+
+    def ask(self, text: str, label: str) -> Reply:
+        raw = self.client.chat.completions.with_raw_response.create(
+            model=MODEL, temperature=0, extra_headers={"X-Arbitrage-Path": PATH},
+            messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}])
+        reply = raw.parse()
+        usage = reply.usage
+        cached = (usage.prompt_tokens_details.cached_tokens or 0) if usage and usage.prompt_tokens_details else 0
+        cost = self.prices.price(MODEL, usage.prompt_tokens, cached, usage.completion_tokens) if usage else None
+        return Reply(raw.headers.get(SERVED_BY_HEADER, "upstream"), _intent(reply.choices[0].message.content) == label,
+                     cost or 0.0)
+
+    def play(self, rows: list[tuple[str, str]], bar, stop=lambda: False) -> list[Reply]:
+        """Send rows concurrently, updating ``bar``; stops early (pending requests dropped) when
+        ``stop()`` turns true."""
+        replies: list[Reply] = []
+        pool = ThreadPoolExecutor(self.concurrency)
+        try:
+            futures = [pool.submit(self.ask, text, label) for text, label in rows]
+            for future in as_completed(futures):
+                replies.append(future.result())
+                bar(replies)
+                if stop():
+                    break
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return replies
+
+
+def _intent(content: str | None) -> str | None:
+    try:
+        value = json.loads(content or "")
+    except ValueError:
+        return None
+    return value.get("intent") if isinstance(value, dict) else None
+
+
+class Demo:
+    """One run: its folder, the servers it started, the steps' results."""
+
+    def __init__(self, run_dir: Path, profile: Profile, economics: Economics, console, vllm_url: str | None = None):
+        self.run_dir, self.profile, self.economics, self.console = run_dir, profile, economics, console
+        self.data_dir = run_dir / "data"
+        self.external_vllm = vllm_url
+        self.sim: ServerProcess | None = None
+        self.gateway: ServerProcess | None = None
+        self.vllm = None
+        self.children: list[subprocess.Popen] = []
+        self.keys: dict[str, str] = {}
+        self.results: dict[str, Any] = {"run_dir": str(run_dir), "profile": asdict(profile),
+                                        "economics": asdict(economics), "servers": {}, "steps": {}}
+        self.timeline: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self.vllm_port = free_port()
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def run(self, stop_after: str = "roi") -> dict[str, Any]:
+        """Every step up to ``stop_after``; the results (also written to ``demo.json``)."""
+        self.texts = load_texts(self.profile)
+        self._intro()
+        for number, name in enumerate(STEPS, 1):
+            if name in ("promote", "ramp") and not self._admin_api():
+                self._routing_missing()
+                break
+            self._header(number, name)
+            started = time.monotonic()
+            outcome = getattr(self, f"step_{name}")()
+            self.results["steps"][name] = {**(outcome or {}), "seconds": round(time.monotonic() - started, 1)}
+            self._write_results()
+            if name == stop_after:
+                break
+        self.results["seconds"] = round(time.monotonic() - self.started, 1)
+        self._write_results()
+        self.console.print(f"\n[bold]Done in {_minutes(self.results['seconds'])}.[/] Everything is in {self.run_dir} "
+                           f"(results: {self.run_dir / 'demo.json'}).")
+        return self.results
+
+    def close(self) -> None:
+        """Stop every process this run started (their whole process groups)."""
+        for child in self.children:
+            _stop_group(child)
+        if self.vllm is not None:
+            self.vllm.stop()
+        for server in (self.gateway, self.sim):
+            if server is not None:
+                server.stop()
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def step_capture(self) -> dict[str, Any]:
+        self._start_servers()
+        app = App(self.gateway.url + "/v1", self.keys["app"], self.profile.concurrency)
+        with self._bar("app traffic", len(self.texts.capture)) as bar:
+            replies = app.play(self.texts.capture, bar)
+        self._wait_for_capture(len(replies))
+        spent = sum(r.upstream_usd for r in replies)
+        self.console.print(f"{len(replies)} support queries answered by the frontier API through the gateway, "
+                           f"${spent:.4f} at {MODEL} prices; the app changed only its base URL")
+        return {"requests": len(replies), "upstream_usd": spent, "records": self._count_calls()}
+
+    def step_paths(self) -> dict[str, Any]:
+        self._command(["paths", "--data-dir", str(self.data_dir), "--since", "1d"], show_stdout=True)
+        paths = json.loads(self._command(["paths", "--data-dir", str(self.data_dir), "--since", "1d", "--json"],
+                                         quiet=True))
+        top = paths["paths"][0]
+        if top["path"] != PATH:
+            raise DemoError(f"the top path is {top['path']!r}, not the demo app's {PATH!r}")
+        verdict = top["distillability"]["verdict"]
+        self.console.print(f"top path: {PATH} ({verdict}, ${top['dollars']:.4f} in {top['calls']} calls)")
+        return {"top": PATH, "verdict": verdict, "dollars": top["dollars"]}
+
+    def step_build(self) -> dict[str, Any]:
+        folder = self._folder(["distill", "build", PATH, "--data-dir", str(self.data_dir),
+                                     "--eval-fraction", "0.15" if self.profile.name == "quick" else "0.1"])
+        manifest = _manifest(folder)
+        return {"folder": str(folder), "version": manifest["version"], "train": manifest["split"]["train"],
+                "eval": manifest["split"]["eval"]}
+
+    def step_train(self) -> dict[str, Any]:
+        p = self.profile
+        length = ["--max-steps", str(p.train_steps)] if p.train_steps else ["--epochs", f"{p.epochs:g}"]
+        folder = self._folder(["distill", "train", PATH, "--data-dir", str(self.data_dir), *length,
+                                     "--batch-size", str(p.batch_size), "--grad-accumulation", "1",
+                                     "--lr", f"{p.learning_rate:g}", "--max-seq-len", "128", "--rank", "16",
+                                     "--drop-system-prompt", "--short-system-prompt", SHORT_PROMPT,
+                                     "--eval-steps", "1000000", "--save-steps", "50", "--logging-steps", "10",
+                                     "--max-eval-examples", "64"])
+        manifest = _manifest(folder)
+        return {"folder": str(folder), "version": manifest["version"], "steps": manifest["metrics"]["global_step"],
+                "train_loss": manifest["metrics"]["train_loss"], "eval_loss": manifest["metrics"]["eval_loss"],
+                "tokens_per_s": manifest["timing"]["tokens_per_s"], "wall_seconds": manifest["timing"]["wall_seconds"]}
+
+    def step_serve(self) -> dict[str, Any]:
+        if self.external_vllm:
+            from deploy.vllm import LocalClient
+
+            if not LocalClient(self.external_vllm).healthy():
+                raise DemoError(f"no healthy vLLM at {self.external_vllm}")
+            self.console.print(f"using the running vLLM at {self.external_vllm}")
+            return {"url": self.external_vllm, "started": False, "started_at": datetime.now(UTC).isoformat()}
+        from arbitrage.config import load_config
+        from deploy.vllm import LocalServer
+
+        base = str(self._folder(["distill", "base"]))
+        settings = load_config(self.config_file).local
+        self.vllm = LocalServer(settings, base, self.run_dir / "vllm", port=self.vllm_port)
+        self.console.print(f"$ {' '.join(self.vllm.command()[1:])}\n  (log: {self.vllm.log_path})")
+        started, started_at = time.monotonic(), datetime.now(UTC).isoformat()
+        with self.console.status("starting vLLM (CPU build): about 30-60 s") as status:
+            self.vllm.start(progress=status.update)
+        self._started("vllm", self.vllm.base_url, self.vllm.process.pid)
+        self.console.print(f"vLLM healthy at {self.vllm.base_url} after {time.monotonic() - started:.0f} s")
+        return {"url": self.vllm.base_url, "started": True, "started_at": started_at, "startup_seconds": round(time.monotonic() - started, 1)}
+
+    def step_eval(self) -> dict[str, Any]:
+        p = self.profile
+        args = ["distill", "eval", PATH, "--data-dir", str(self.data_dir), "--vllm-url", self.vllm_url,
+                "--target", f"{p.target:g}", "--min-samples", str(min(p.min_samples, 20)), "--concurrency", "8"]
+        folder = self._folder(args + (["--max-examples", str(p.eval_examples)] if p.eval_examples else []))
+        manifest = _manifest(folder)
+        self.eval_manifest = manifest
+        return {"folder": str(folder), "examples": manifest["examples"], "agreement": manifest["agreement"],
+                "at_target": manifest["at_target"], "calibrated": manifest["calibrated"],
+                "chart": str(folder / "curve.png")}
+
+    def step_promote(self) -> dict[str, Any]:
+        adapter = self.results["steps"]["train"]["version"]
+        threshold = self.route_threshold()
+        policy = self.policy(threshold)
+        self.console.print(f"$ arbitrage route set {PATH} ...   (PUT /admin/routes/{PATH})\n"
+                           f"  {json.dumps(policy)}")
+        self._admin("PUT", f"/admin/routes/{PATH}", policy)
+        self.console.print(f"$ arbitrage route promote {PATH} --adapter {adapter}   "
+                           f"(POST /admin/routes/{PATH}/promote)")
+        route = self._admin("POST", f"/admin/routes/{PATH}/promote", {"adapter": adapter})
+        self.console.print(f"route {PATH}: {route_summary(route)}")
+        return {"adapter": adapter, "threshold": threshold, "policy": policy, "route": route}
+
+    def step_ramp(self) -> dict[str, Any]:
+        p = self.profile
+        app = App(self.gateway.url + "/v1", self.keys["app"], p.concurrency)
+        watcher = RouteWatcher(self, interval_s=1.0)
+        settle = SettleCounter(p.settle_requests)
+        rows = self.texts.fresh[:p.ramp_requests]
+        with watcher, self._bar("app traffic (ramp)", len(rows), watcher=watcher) as bar:
+            replies = app.play(rows, bar, stop=lambda: settle.done(watcher.latest))
+        self.timeline = watcher.timeline
+        final = watcher.poll()
+        local = sum(r.served_by == "local" for r in replies)
+        self.console.print(f"{len(replies)} requests during the ramp: {local} served locally "
+                           f"({local / max(len(replies), 1):.0%}); final route: {route_summary(final)}")
+        return {"requests": len(replies), "served_locally": local, "final_route": final,
+                "app_accuracy": sum(r.correct for r in replies) / max(len(replies), 1),
+                "timeline": watcher.timeline}
+
+    def step_roi(self) -> dict[str, Any]:
+        from arbitrage.demo_report import run_report
+
+        self._command(["roi", "--data-dir", str(self.data_dir), "--config", str(self.config_file), "--since", "1d"],
+                      show_stdout=True, check=False)
+        report = run_report(self)
+        self.console.print(report.text)
+        return report.facts
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    @property
+    def vllm_url(self) -> str:
+        return self.external_vllm or self.vllm.base_url
+
+    @property
+    def config_file(self) -> Path:
+        return self.run_dir / "arbitrage.toml"
+
+    def route_threshold(self) -> float:
+        """The confidence threshold from the eval: the calibrated one, else where agreement first
+        reaches the target, else 0 (every local answer that passes the output check)."""
+        manifest = self.eval_manifest
+        for key in ("calibrated", "at_target"):
+            if manifest.get(key):
+                return round(manifest[key]["threshold"], 6)
+        return 0.0
+
+    def policy(self, threshold: float) -> dict[str, Any]:
+        p = self.profile
+        return {"mode": "off", "threshold": threshold, "output": "json",
+                "comparator": {"name": "json", "keys": ["intent"]}, "shadow_rate": p.shadow_rate,
+                "audit_rate": p.audit_rate,
+                "ramp": {"steps": list(p.ramp_steps), "target": p.target, "floor": p.floor,
+                         "min_samples": p.min_samples, "window": max(1000, p.min_samples)}}
+
+    def _start_servers(self) -> None:
+        p = self.profile
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        sim_csv = self.run_dir / "sim-dataset.csv"
+        _write_sim_dataset(sim_csv, self.texts)
+        sim_port = free_port()
+        self.sim = ServerProcess(ARBITRAGE + ["sim", "--port", str(sim_port), "--dataset", str(sim_csv),
+                                              "--latency-ms", f"{p.sim_latency_ms:g}", "--log-level", "warning"],
+                                 sim_port, self.run_dir / "logs" / "sim.log", health="/v1/models")
+        self._say_start(self.sim, "the frontier API stand-in (Banking77 gold labels, gpt-4o prices and latency)")
+        self.sim.start(60)
+        self._started("sim", self.sim.url, self.sim.proc.pid)
+        self.config_file.write_text(gateway_config(self.sim.url, self.vllm_url_for_config(), self.economics))
+        self.keys = {"app": self._create_key("demo-app"), "admin": self._create_key("demo-admin", admin=True)}
+        port = free_port()
+        self.gateway = ServerProcess(ARBITRAGE + ["serve", "--config", str(self.config_file), "--port", str(port),
+                                                  "--data-dir", str(self.data_dir)],
+                                     port, self.run_dir / "logs" / "gateway.log",
+                                     env={"OPENAI_API_KEY": "sk-sim-needs-no-real-key"})
+        self._say_start(self.gateway, f"the gateway (config {self.config_file})")
+        self.gateway.start(60)
+        self._started("gateway", self.gateway.url, self.gateway.proc.pid)
+
+    def _started(self, name: str, url: str, pid: int) -> None:
+        """Record a server as soon as it runs (demo.json), so whoever watches the run can find it."""
+        self.results["servers"][name] = {"url": url, "pid": pid}
+        self._write_results()
+
+    def vllm_url_for_config(self) -> str:
+        return (self.external_vllm or f"http://127.0.0.1:{self.vllm_port}/v1").rstrip("/")
+
+    def _create_key(self, name: str, admin: bool = False) -> str:
+        from arbitrage.keys import KeyLimits, KeyStore
+
+        _, secret = KeyStore(self.data_dir).create(name, KeyLimits(role="admin" if admin else None))
+        self.console.print(f"$ arbitrage keys create {name}{' --admin' if admin else ''}   (the key is kept in "
+                           f"memory only; the data folder holds its hash)")
+        return secret
+
+    def _say_start(self, server: ServerProcess, what: str) -> None:
+        shown = " ".join(server.args[len(ARBITRAGE):])
+        self.console.print(f"$ arbitrage {shown}\n  {what}: {server.url} (log {server.log})")
+
+    def _wait_for_capture(self, expected: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._count_calls() < expected and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    def _count_calls(self) -> int:
+        from arbitrage.capture.store import connect
+
+        with contextlib.closing(connect(self.data_dir)) as con:
+            return con.execute("SELECT count(*) FROM calls").fetchone()[0]
+
+    def _command(self, args: list[str], *, show_stdout: bool = False, quiet: bool = False, check: bool = True) -> str:
+        """Run an arbitrage command (shown first, its progress on the terminal); its stdout."""
+        if not quiet:
+            self.console.print(f"$ arbitrage {' '.join(_quote(a) for a in args)}", highlight=False)
+        child = subprocess.Popen(ARBITRAGE + args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                 start_new_session=True)
+        self.children.append(child)
+        out, _ = child.communicate()
+        self.children.remove(child)
+        if show_stdout and out.strip():
+            self.console.print(out.rstrip(), highlight=False, markup=False)
+        if check and child.returncode != 0:
+            raise DemoError(f"`arbitrage {args[0]}{' ' + args[1] if args[0] == 'distill' else ''}` failed "
+                            f"(status {child.returncode}); its message is above")
+        return out
+
+    def _folder(self, args: list[str]) -> Path:
+        """Run a command that prints the folder it wrote as its last line; that folder."""
+        lines = self._command(args).strip().splitlines()
+        if not lines:
+            raise DemoError(f"`arbitrage {' '.join(args[:2])}` printed no folder")
+        return Path(lines[-1])
+
+    def _admin_api(self) -> bool:
+        """The gateway serves the admin API of routes (GET /admin/routes is not a 404)."""
+        response = httpx.get(self.gateway.url + "/admin/routes", timeout=10,
+                             headers={"Authorization": f"Bearer {self.keys['admin']}"})
+        return response.status_code != 404
+
+    def _admin(self, method: str, route: str, body: dict | None = None) -> Any:
+        response = httpx.request(method, self.gateway.url + route, json=body, timeout=60,
+                                 headers={"Authorization": f"Bearer {self.keys['admin']}"})
+        if response.status_code >= 400:
+            raise DemoError(f"{method} {route}: HTTP {response.status_code}: {response.text[:500]}")
+        return response.json() if response.content else None
+
+    @contextlib.contextmanager
+    def _bar(self, description: str, total: int, watcher: RouteWatcher | None = None) -> Iterator:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        columns = [TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[money]}"),
+                   TextColumn("{task.fields[served]}"), TimeElapsedColumn()]
+        with Progress(*columns, console=self.console) as progress:
+            task = progress.add_task(description, total=total, money="", served="")
+
+            def update(replies: list[Reply]) -> None:
+                local = sum(r.served_by == "local" for r in replies)
+                paid = sum(r.upstream_usd for r in replies if r.served_by != "local")
+                route = f" | route {route_summary(watcher.latest)}" if watcher and watcher.latest else ""
+                progress.update(task, completed=len(replies), money=f"${paid:.4f} paid upstream",
+                                served=f"local {local} ({local / len(replies):.0%}){route}")
+
+            yield update
+
+    def _intro(self) -> None:
+        p = self.profile
+        intents = f"{len(self.texts.intents)} Banking77 intents" + (
+            f" (the {p.intents} most frequent: {', '.join(self.texts.intents)})" if p.intents else "")
+        self.console.rule(f"[bold]arbitrage demo ({p.name})")
+        self.console.print(f"run folder: {self.run_dir}\ntraffic: {intents}; the app asks {MODEL} for "
+                           f'{{"intent": ...}} JSON\nassumptions of this run:', highlight=False)
+        for line in [*p.assumptions(), *self.economics.assumptions()]:
+            self.console.print(f"  - {line}", highlight=False, markup=False)
+
+    def _header(self, number: int, name: str) -> None:
+        titles = {"capture": "the app's traffic through the gateway", "paths": "where the money goes",
+                  "build": "the training set of the top path", "train": "a LoRA adapter on SmolLM2-135M",
+                  "serve": "vLLM with runtime LoRA loading", "eval": "the adapter against the teacher, through vLLM",
+                  "promote": "the adapter promoted, in shadow mode",
+                  "ramp": "traffic keeps flowing; the ramp controller moves the share on evidence",
+                  "roi": "the money"}
+        self.console.rule(f"[bold]{number}/{len(STEPS)} {name}: {titles[name]}  "
+                          f"[dim]({_minutes(time.monotonic() - self.started)} in)")
+
+    def _routing_missing(self) -> None:
+        self.results["routing"] = "not available"
+        self.console.rule("[bold yellow]promote and ramp: not available yet")
+        self.console.print("This gateway has no admin API for routes yet (GET /admin/routes is a 404), so the "
+                           "demo cannot promote the adapter and stops after the evaluation. The adapter is trained and "
+                           "evaluated; `arbitrage roi` below counts its one-time cost.")
+        self.step_roi()
+
+    def _write_results(self) -> None:
+        text = json.dumps(self.results, indent=2, default=str)
+        temp = self.run_dir / ".demo.json.tmp"
+        temp.write_text(text)
+        os.replace(temp, self.run_dir / "demo.json")
+
+
+class RouteWatcher:
+    """Polls the route's policy through the admin API in the background during the ramp, keeping
+    a timeline of (seconds, mode, share) whenever it changes."""
+
+    def __init__(self, demo: Demo, interval_s: float) -> None:
+        self.demo, self.interval_s = demo, interval_s
+        self.latest: dict[str, Any] | None = None
+        self.timeline: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="route-watcher")
+
+    def __enter__(self) -> Self:
+        self.poll()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with contextlib.suppress(DemoError, httpx.HTTPError):
+                self.poll()
+
+    def poll(self) -> dict[str, Any]:
+        route = self.demo._admin("GET", f"/admin/routes/{PATH}")
+        policy = route_policy(route)
+        if not self.timeline or (self.timeline[-1]["mode"], self.timeline[-1]["share"]) != (
+                policy.get("mode"), policy.get("share")):
+            self.timeline.append({"at": datetime.now(UTC).isoformat(), "mode": policy.get("mode"),
+                                  "share": policy.get("share")})
+        self.latest = route
+        return route
+
+
+class SettleCounter:
+    """True once ``requests`` replies have come back since the route reached local mode at 100%."""
+
+    def __init__(self, requests: int) -> None:
+        self.requests, self.seen = requests, 0
+
+    def done(self, route: dict[str, Any] | None) -> bool:
+        policy = route_policy(route or {})
+        if policy.get("mode") == "local" and (policy.get("share") or 0) >= 100:
+            self.seen += 1
+        return self.seen >= self.requests
+
+
+def route_policy(route: dict[str, Any]) -> dict[str, Any]:
+    """The policy inside an admin-API route answer (the answer itself if it is the policy)."""
+    return route.get("policy", route) if isinstance(route, dict) else {}
+
+
+def route_summary(route: dict[str, Any] | None) -> str:
+    policy = route_policy(route or {})
+    return f"{policy.get('mode', '?')} {policy.get('share', 0):g}%"
+
+
+def routing_available(root: Path | None = None) -> bool:
+    """The gateway has its local route and admin API (both modules importable here)."""
+    root = root or Path(__file__).resolve().parent.parent
+    return all((root / module).is_file() for module in ROUTING_MODULES)
+
+
+def gateway_config(sim_url: str, vllm_url: str, economics: Economics) -> str:
+    """The gateway's TOML config: the simulator upstream, the local vLLM, the demo's prices."""
+    return f"""# written by `arbitrage demo`
+[gateway]
+host = "127.0.0.1"
+
+[[upstreams]]
+name = "frontier-sim"
+base_url = "{sim_url}/v1"
+models = ["*"]
+max_retries = 2
+retry_max_wait_s = 1
+
+[capture]
+segment_max_age_s = 5
+compact_interval_s = 2
+
+[economics]
+training_usd_per_hour = {economics.training_usd_per_hour}
+serving_usd_per_hour = {economics.serving_usd_per_hour}
+
+[local]
+url = "{vllm_url}"
+served_model_name = "base"
+max_lora_rank = 16
+max_loras = 2
+startup_timeout_s = 600
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _write_sim_dataset(target: Path, texts: Texts) -> None:
+    """Every text the run sends, with its gold label: the simulator answers each correctly."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "category"])
+        writer.writerows(dict.fromkeys(texts.capture + texts.fresh))
 
 
-def _start(args: list[str], health_url: str, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "arbitrage.cli", *args], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise click.ClickException(f"'arbitrage {' '.join(args)}' exited; see {log}")
-        try:
-            if httpx.get(health_url, timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise click.ClickException(f"'arbitrage {' '.join(args)}' did not start in 60 s; see {log}")
-
-
-def _queries(count: int, seed: int = 7) -> list[str]:
-    data = resources.files("simulator") / "data" / "banking77" / "train.csv"
-    with data.open() as f:
-        texts = [row["text"] for row in csv.DictReader(f)]
-    return random.Random(seed).sample(texts, count)
-
-
-def _send_traffic(base_url: str, count: int) -> list[str]:
-    import openai
-
-    client = openai.OpenAI(base_url=base_url, api_key="demo-any-key-works-in-dev-mode", max_retries=2)
-
-    def ask(text: str) -> str:
-        reply = client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "system", "content": SYSTEM_PROMPT},
-                                           {"role": "user", "content": text}])
-        return reply.choices[0].message.content
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return list(pool.map(ask, _queries(count)))
-
-
-def run_demo(data_dir: Path, port: int, requests: int, exit_after: bool) -> None:
-    """Start both servers, send ``requests`` app calls, print the capture summary."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    sim_port = _free_port()
-    sim = _start(["sim", "--port", str(sim_port), "--latency-ms", "150"],
-                 f"http://127.0.0.1:{sim_port}/v1/models", data_dir / "sim.log")
-    gateway = None
+def _manifest(folder: Path) -> dict[str, Any]:
     try:
-        gateway = _start(["serve", "--dev", "--port", str(port), "--data-dir", str(data_dir),
-                          "--upstream-url", f"http://127.0.0.1:{sim_port}/v1"],
-                         f"http://127.0.0.1:{port}/healthz", data_dir / "gateway.log")
-        _report(data_dir, port, requests)
-        if not exit_after:
-            click.echo("\nGateway and simulator keep running; Ctrl-C stops both.")
-            gateway.wait()
+        return json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DemoError(f"no readable manifest in {folder}: {exc}") from None
+
+
+def _stop_group(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGTERM)
+        try:
+            child.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
+def new_run_dir(root: Path) -> Path:
+    """A fresh folder for one run: ``root/run-<UTC time>`` (a suffix if two start in one second)."""
+    stamp = datetime.now(UTC).strftime("run-%Y%m%d-%H%M%S")
+    for suffix in ("", *(f"-{n}" for n in range(2, 100))):
+        folder = root / f"{stamp}{suffix}"
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+    raise ConfigError(f"cannot make a run folder in {root}")
+
+
+def run_demo(root: Path, quick: bool, stop_after: str = "roi", vllm_url: str | None = None,
+             economics: Economics = Economics()) -> dict[str, Any]:
+    """One demo run in a fresh folder below ``root``; every process it starts is stopped before
+    it returns, whether it finishes, fails or is interrupted (Ctrl-C, SIGTERM, SIGHUP)."""
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    demo = Demo(new_run_dir(root), QUICK if quick else FULL, economics, console, vllm_url)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return demo.run(stop_after)
     except KeyboardInterrupt:
-        pass
+        console.print("\n[bold]interrupted[/]: stopping every process the demo started")
+        raise
     finally:
-        for proc in (gateway, sim):
-            if proc and proc.poll() is None:
-                proc.terminate()
-                proc.wait(15)
+        demo.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _report(data_dir: Path, port: int, requests: int) -> None:
-    from arbitrage.capture.store import connect
-
-    base_url = f"http://127.0.0.1:{port}/v1"
-    click.echo(f"Gateway: {base_url}  (export OPENAI_BASE_URL={base_url}; any key works in --dev mode)")
-    started = time.perf_counter()
-    answers = _send_traffic(base_url, requests)
-    click.echo(f"Sent {len(answers)} support queries in {time.perf_counter() - started:.1f} s, "
-               f"e.g. {answers[0]}")
-    click.echo("Captured calls by path (arbitrage sql over the Parquet/DuckDB store):")
-    connect(data_dir).sql(SUMMARY).show()
-    click.echo(f"Try: arbitrage paths --data-dir {data_dir}")
-    click.echo(f"     arbitrage sql --data-dir {data_dir} \"SELECT model, prompt_tokens, cost_usd, response "
-               f"FROM calls LIMIT 5\"")
-    click.echo(f"     curl http://127.0.0.1:{port}/metrics")
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

@@ -76,11 +76,3 @@ def test_readme_config_example_is_valid(tmp_path):
     config = load_config(tmp_path / "example.toml")
     assert [u.name for u in config.upstreams] == ["openai", "together"]
     assert config.prices["my-finetuned-model"].cached_input_per_mtok == 0.15
-
-
-def test_demo_runs_gateway_and_simulator_and_shows_the_capture(tmp_path):
-    from tests.processes import free_port
-
-    result = arbitrage("demo", "--data-dir", str(tmp_path), "--port", str(free_port()), "--requests", "8", "--exit")
-    assert "Sent 8 support queries" in result.stdout and '{"intent": "' in result.stdout
-    assert "│ gpt-4o-mini-" in result.stdout  # the summary table's one path row

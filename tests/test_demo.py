@@ -1,0 +1,143 @@
+"""``arbitrage demo``: the whole loop on real parts (simulator, gateway, SmolLM2 training, vLLM CPU
+build), run as a user runs it, asserting on the outcome it records in ``demo.json``.
+
+The end-to-end test starts its own vLLM through the demo (the command as a user runs it) and so
+does not use the session ``vllm`` fixture; it takes ``base_folder`` so the base model is prepared
+once per session, in ``$ARBITRAGE_MODEL_CACHE`` when set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from arbitrage.demo import QUICK, load_texts, new_run_dir, routing_available
+from distill.base import CACHE_ENV
+from tests.processes import ARBITRAGE
+
+END_TO_END_TIMEOUT_S = 20 * 60
+"""The quick run takes under 10 minutes on an idle 2-core machine; CI machines are shared."""
+
+
+def demo(root: Path, *args: str, models_dir: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({CACHE_ENV: str(models_dir)} if models_dir else {})}
+    return subprocess.run(ARBITRAGE + ["demo", "--quick", "--data-dir", str(root), *args], check=False,
+                          capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def results(root: Path) -> dict:
+    (run,) = root.glob("run-*")
+    return json.loads((run / "demo.json").read_text())
+
+
+def answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=2)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def test_quick_texts_are_five_intents_and_the_ramp_never_sees_a_captured_text():
+    texts = load_texts(QUICK)
+    captured = {text for text, _ in texts.capture}
+    assert len(texts.intents) == 5 and len(texts.capture) == QUICK.capture_requests
+    assert {label for _, label in texts.capture + texts.fresh} == set(texts.intents)
+    assert not captured & {text for text, _ in texts.fresh}
+    assert len(texts.fresh) >= QUICK.ramp_requests
+
+
+def test_every_run_gets_a_fresh_folder(tmp_path):
+    assert new_run_dir(tmp_path) != new_run_dir(tmp_path)
+
+
+def test_capture_and_paths_then_every_server_is_stopped(tmp_path):
+    result = demo(tmp_path, "--stop-after", "paths")
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = results(tmp_path)
+    assert outcome["steps"]["capture"]["records"] == QUICK.capture_requests
+    assert outcome["steps"]["paths"]["top"] == "support-intents"
+    assert outcome["steps"]["paths"]["verdict"] == "distillable"
+    assert "support-intents" in result.stderr and "distillable" in result.stderr
+    assert not any(answers(s["url"]) for s in outcome["servers"].values())
+
+
+def test_ctrl_c_stops_every_process_the_demo_started(tmp_path):
+    process = subprocess.Popen(ARBITRAGE + ["demo", "--quick", "--data-dir", str(tmp_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    servers = wait_for_servers(tmp_path, ("sim", "gateway"), timeout=60)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in stderr
+    assert not any(answers(s["url"]) for s in servers.values())
+    assert not any(alive(s["pid"]) for s in servers.values())
+
+
+def wait_for_servers(root: Path, names: tuple[str, ...], timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            servers = results(root)["servers"]
+        except (ValueError, OSError):
+            servers = {}
+        if all(name in servers for name in names):
+            return servers
+        time.sleep(0.2)
+    raise AssertionError(f"the demo did not start {names} within {timeout} s")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, models_dir, base_folder) -> tuple[subprocess.CompletedProcess, dict, float]:
+    """One whole ``arbitrage demo --quick`` run (time-boxed)."""
+    root = tmp_path_factory.mktemp("demo")
+    started = time.monotonic()
+    result = demo(root, models_dir=models_dir, timeout=END_TO_END_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result, results(root), time.monotonic() - started
+
+
+def test_quick_demo_captures_distills_trains_and_evaluates(quick_run):
+    _, outcome, _ = quick_run
+    steps = outcome["steps"]
+    assert steps["capture"]["records"] == QUICK.capture_requests
+    assert steps["build"]["train"] + steps["build"]["eval"] == QUICK.capture_requests
+    assert Path(steps["build"]["folder"], "manifest.json").is_file()
+    assert steps["train"]["steps"] == QUICK.train_steps and Path(steps["train"]["folder"], "adapter_config.json").is_file()
+    assert steps["eval"]["examples"] == QUICK.eval_examples and 0 <= steps["eval"]["agreement"] <= 1
+    assert Path(steps["eval"]["chart"]).is_file()
+    assert not any(answers(s["url"]) for s in outcome["servers"].values()), "servers left running"
+
+
+@pytest.mark.skipif(not routing_available(), reason="the gateway's admin API and local route are not here yet")
+def test_quick_demo_serves_locally_after_promotion_and_saves_money(quick_run):
+    result, outcome, _ = quick_run
+    steps = outcome["steps"]
+    assert steps["promote"]["route"]["policy"]["mode"] == "shadow"
+    assert steps["ramp"]["served_locally"] > 0
+    roi = steps["roi"]
+    assert roi["served_locally"] > 0 and roi["comparisons"] > 0 and roi["agreement"] is not None
+    assert roi["saved_usd"] > 0
+    assert Path(roi["chart"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "saved" in result.stderr and "Grafana" in result.stderr
+
+
+def test_quick_demo_records_its_assumptions_and_time(quick_run):
+    result, outcome, seconds = quick_run
+    assert outcome["profile"]["name"] == "quick" and "assumptions of this run" in result.stderr
+    assert outcome["seconds"] <= seconds
