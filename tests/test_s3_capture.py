@@ -15,7 +15,8 @@ import boto3
 import pytest
 
 from arbitrage.capture.store import CaptureStore, connect
-from arbitrage.config import CaptureSettings
+from arbitrage.config import CaptureSettings, load_config
+from arbitrage.errors import ConfigError
 from tests.conftest import UPSTREAM_KEY, Gateway
 from tests.processes import ARBITRAGE, ServerProcess, arbitrage, free_port, gateway
 
@@ -82,6 +83,16 @@ def sent(s3_gateway) -> list[str]:
 
 def bucket_keys(prefix: str = PREFIX) -> list[str]:
     return [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+
+
+def test_an_s3_data_dir_keeps_the_local_files_in_the_spool():
+    config = load_config(None, data_dir="s3://bucket/prefix")
+    assert (config.data_dir, config.capture_url) == (Path("arbitrage-spool"), "s3://bucket/prefix")
+
+
+def test_a_data_dir_url_other_than_s3_is_refused():
+    with pytest.raises(ConfigError, match=r"gateway.data_dir must be a local folder or s3://BUCKET\[/PREFIX\]"):
+        load_config(None, data_dir="gs://bucket/prefix")
 
 
 def test_records_end_up_in_the_bucket_as_parquet(s3_gateway, sent):

@@ -18,6 +18,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from arbitrage.config import load_config
+from arbitrage.errors import ConfigError
 from tests.conftest import UPSTREAM_KEY, Gateway
 from tests.processes import ServerProcess, arbitrage, gateway
 from tests.test_durability import alive, all_gone, children
@@ -111,6 +113,11 @@ def two_workers(sim, tmp_path_factory) -> Gateway:
 @pytest.fixture(scope="module")
 def traffic(two_workers) -> list[str]:
     return send(two_workers, 80)
+
+
+def test_worker_count_is_checked():
+    with pytest.raises(ConfigError, match="gateway.workers must be 1-64, got 0"):
+        load_config(None, workers=0)
 
 
 def test_every_request_is_recorded_exactly_once(two_workers, traffic):
