@@ -52,8 +52,6 @@ SYSTEM_PROMPT = ("You are the support router of a bank. Read the customer's mess
 SHORT_PROMPT = "Classify the bank customer's message. Answer with JSON: {\"intent\": \"<intent>\"}."
 STEPS = ("capture", "paths", "build", "train", "serve", "eval", "promote", "ramp", "roi")
 SERVED_BY_HEADER = "x-arbitrage-served-by"
-ROUTING_MODULES = ("gateway/admin.py", "gateway/routing.py")
-"""The gateway's local route and admin API; promote and ramp need both."""
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -89,8 +87,8 @@ class Profile:
                 if f.name != "name"]
 
 
-QUICK = Profile(name="quick", intents=5, capture_requests=300, ramp_requests=700, settle_requests=60,
-                train_steps=100, epochs=1.0, batch_size=8, learning_rate=1e-3, eval_examples=40, target=0.9,
+QUICK = Profile(name="quick", intents=5, capture_requests=300, ramp_requests=700, settle_requests=40,
+                train_steps=80, epochs=1.0, batch_size=8, learning_rate=1e-3, eval_examples=40, target=0.9,
                 floor=0.8, ramp_steps=(25.0, 50.0, 100.0), min_samples=40, shadow_rate=1.0, audit_rate=0.1,
                 concurrency=6, sim_latency_ms=300.0)
 FULL = Profile(name="full", intents=None, capture_requests=10_003, ramp_requests=3_080, settle_requests=500,
@@ -330,23 +328,23 @@ class Demo:
                 "--target", f"{p.target:g}", "--min-samples", str(min(p.min_samples, 20)), "--concurrency", "8"]
         folder = self._folder(args + (["--max-examples", str(p.eval_examples)] if p.eval_examples else []))
         manifest = _manifest(folder)
-        self.eval_manifest = manifest
         return {"folder": str(folder), "examples": manifest["examples"], "agreement": manifest["agreement"],
                 "at_target": manifest["at_target"], "calibrated": manifest["calibrated"],
                 "chart": str(folder / "curve.png")}
 
     def step_promote(self) -> dict[str, Any]:
         adapter = self.results["steps"]["train"]["version"]
-        threshold = self.route_threshold()
-        policy = self.policy(threshold)
-        self.console.print(f"$ arbitrage route set {PATH} ...   (PUT /admin/routes/{PATH})\n"
-                           f"  {json.dumps(policy)}")
+        policy = self.policy()
+        self.console.print(f"PUT /admin/routes/{PATH} (what `arbitrage route set` sends): {json.dumps(policy)}")
         self._admin("PUT", f"/admin/routes/{PATH}", policy)
-        self.console.print(f"$ arbitrage route promote {PATH} --adapter {adapter}   "
-                           f"(POST /admin/routes/{PATH}/promote)")
+        self.console.print(f"POST /admin/routes/{PATH}/promote {{\"adapter\": \"{adapter}\"}} (what `arbitrage route "
+                           f"promote {PATH} --adapter {adapter}` sends): shadow mode, the threshold from the eval")
         route = self._admin("POST", f"/admin/routes/{PATH}/promote", {"adapter": adapter})
-        self.console.print(f"route {PATH}: {route_summary(route)}")
-        return {"adapter": adapter, "threshold": threshold, "policy": policy, "route": route}
+        self._wait_for_adapter()
+        promoted = route_policy(route)
+        self.console.print(f"route {PATH}: {route_summary(route)}, adapter {promoted.get('adapter')}, confidence "
+                           f"threshold {promoted.get('threshold', 0):.4f}")
+        return {"adapter": adapter, "threshold": promoted.get("threshold"), "route": route}
 
     def step_ramp(self) -> dict[str, Any]:
         p = self.profile
@@ -384,18 +382,10 @@ class Demo:
     def config_file(self) -> Path:
         return self.run_dir / "arbitrage.toml"
 
-    def route_threshold(self) -> float:
-        """The confidence threshold from the eval: the calibrated one, else where agreement first
-        reaches the target, else 0 (every local answer that passes the output check)."""
-        manifest = self.eval_manifest
-        for key in ("calibrated", "at_target"):
-            if manifest.get(key):
-                return round(manifest[key]["threshold"], 6)
-        return 0.0
-
-    def policy(self, threshold: float) -> dict[str, Any]:
+    def policy(self) -> dict[str, Any]:
+        """The route's settings before promotion: JSON answers compared on their intent, the ramp."""
         p = self.profile
-        return {"mode": "off", "threshold": threshold, "output": "json",
+        return {"mode": "off", "output": "json",
                 "comparator": {"name": "json", "keys": ["intent"]}, "shadow_rate": p.shadow_rate,
                 "audit_rate": p.audit_rate,
                 "ramp": {"steps": list(p.ramp_steps), "target": p.target, "floor": p.floor,
@@ -477,6 +467,19 @@ class Demo:
         if not lines:
             raise DemoError(f"`arbitrage {' '.join(args[:2])}` printed no folder")
         return Path(lines[-1])
+
+    def _wait_for_adapter(self, timeout: float = 120.0) -> None:
+        """The gateway loads the promoted adapter into vLLM within seconds (its reconciliation)."""
+        deadline = time.monotonic() + timeout
+        with self.console.status("the gateway loads the adapter into vLLM"):
+            while time.monotonic() < deadline:
+                status = self._admin("GET", f"/admin/routes/{PATH}").get("status") or {}
+                if status.get("adapter_loaded"):
+                    self.console.print("adapter loaded into vLLM by the gateway")
+                    return
+                time.sleep(1.0)
+        raise DemoError(f"the gateway did not load the adapter into vLLM within {timeout:.0f} s; see "
+                        f"{self.gateway.log}")
 
     def _admin_api(self) -> bool:
         """The gateway serves the admin API of routes (GET /admin/routes is not a 404)."""
@@ -605,14 +608,13 @@ def route_policy(route: dict[str, Any]) -> dict[str, Any]:
 
 
 def route_summary(route: dict[str, Any] | None) -> str:
+    """Mode and share, and the ramp's evidence when there is some."""
     policy = route_policy(route or {})
-    return f"{policy.get('mode', '?')} {policy.get('share', 0):g}%"
-
-
-def routing_available(root: Path | None = None) -> bool:
-    """The gateway has its local route and admin API (both modules importable here)."""
-    root = root or Path(__file__).resolve().parent.parent
-    return all((root / module).is_file() for module in ROUTING_MODULES)
+    text = f"{policy.get('mode', '?')} {policy.get('share', 0):g}%"
+    evidence = ((route or {}).get("status") or {}).get("evidence")
+    if evidence:
+        text += f", agreement {evidence['agreed']}/{evidence['n']} (lower bound {evidence['lower']:.2f})"
+    return text
 
 
 def gateway_config(sim_url: str, vllm_url: str, economics: Economics) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from arbitrage.demo import QUICK, load_texts, new_run_dir, routing_available
+from arbitrage.demo import QUICK, load_texts, new_run_dir
 from distill.base import CACHE_ENV
 from tests.processes import ARBITRAGE
 
@@ -124,7 +124,6 @@ def test_quick_demo_captures_distills_trains_and_evaluates(quick_run):
     assert not any(answers(s["url"]) for s in outcome["servers"].values()), "servers left running"
 
 
-@pytest.mark.skipif(not routing_available(), reason="the gateway's admin API and local route are not here yet")
 def test_quick_demo_serves_locally_after_promotion_and_saves_money(quick_run):
     result, outcome, _ = quick_run
     steps = outcome["steps"]
