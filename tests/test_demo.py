@@ -140,3 +140,33 @@ def test_quick_demo_records_its_assumptions_and_time(quick_run):
     result, outcome, seconds = quick_run
     assert outcome["profile"]["name"] == "quick" and "assumptions of this run" in result.stderr
     assert outcome["seconds"] <= seconds
+
+
+def test_operating_point_and_breakeven_from_the_calls_after_the_last_route_change():
+    from datetime import UTC, datetime, timedelta
+
+    from arbitrage.demo import Economics
+    from arbitrage.demo_report import breakeven, operating_point
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    calls = [{"ts": t0 + timedelta(seconds=i), "served_by": "local" if i >= 10 and i % 2 else "upstream",
+              "before_usd": 0.001, "paid_usd": 0.0 if i >= 10 and i % 2 else 0.001} for i in range(20)]
+    changes = [{"ts": t0 + timedelta(seconds=10), "mode_after": "canary", "share_after": 50.0}]
+    audits = [{"ts": t0 + timedelta(seconds=12), "cost_usd": 0.001}]
+    point = operating_point(calls, audits, changes)
+    assert (point["requests"], point["local_share"], point["share"]) == (10, 0.5, 50.0)
+    assert point["saved_per_request_usd"] == pytest.approx((5 * 0.001 - 0.001) / 10)
+    even = breakeven({"operating_point": point, "one_time_usd": 0.5}, Economics(serving_usd_per_hour=0.1,
+                                                                               volume_per_day=10_000))
+    assert even["server_pays_off_at_requests_per_hour"] == pytest.approx(0.1 / 0.0004)
+    assert even["saved_per_day_usd"] == pytest.approx(10_000 * 0.0004 - 2.4)
+    assert even["days"] == pytest.approx(0.5 / (4.0 - 2.4))
+
+
+def test_no_breakeven_when_the_route_saves_nothing():
+    from arbitrage.demo import Economics
+    from arbitrage.demo_report import breakeven
+
+    point = {"saved_per_request_usd": -0.0001}
+    assert breakeven({"operating_point": point, "one_time_usd": 0.1}, Economics()) is None
+    assert breakeven({"operating_point": None, "one_time_usd": 0.1}, Economics()) is None
