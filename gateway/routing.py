@@ -309,7 +309,8 @@ class Router:
         self.metrics.ramp_decisions.labels(label, decision.action).inc()
         log.warning("ramp %s: %s share %.0f%% -> %.0f%% (%s)", path, decision.action, decision.share_before,
                     decision.share_after, decision.reason)
-        controller.policy = self.table.set(path, controller.policy, actor="ramp", reason=decision.reason,
+        controller.policy = self.table.set(path, controller.policy, actor="ramp", action=decision.action,
+                                           reason=decision.reason,
                                            evidence=decision.evidence)
         self.publish_policy(path, controller.policy)
 
