@@ -707,12 +707,15 @@ def run_demo(root: Path, quick: bool, stop_after: str = "roi", vllm_url: str | N
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     demo = Demo(new_run_dir(root), QUICK if quick else FULL, economics, console, vllm_url)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     try:
         return demo.run(stop_after)
     except KeyboardInterrupt:
         console.print("\n[bold]interrupted[/]: stopping every process the demo started")
         raise
     finally:
+        for sig in previous:  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
         demo.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -75,6 +75,8 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path):
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     servers = wait_for_servers(tmp_path, ("sim", "gateway"), timeout=60)
     process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # an impatient second Ctrl-C does not cut the clean-up short
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "interrupted" in stderr
     assert not any(answers(s["url"]) for s in servers.values())
