@@ -11,6 +11,7 @@ a compactor never mistakes a new segment for a sealed one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
@@ -38,6 +39,7 @@ class Journal:
         self._fd = -1
         self._path: Path | None = None
         self._records = 0
+        self._size = 0
         self._opened_at = 0.0
         self._dirty = False
 
@@ -56,16 +58,29 @@ class Journal:
         """Write one record; it is safe from a process crash when this returns."""
         line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS)
         with self._lock:
-            try:
-                os.write(self._fd, line)
-            except OSError as exc:
-                raise StoreError(f"cannot append to {self._path}: {exc.strerror}") from exc
+            self._write(line)
             self._records += 1
             self._dirty = True
             if self.settings.fsync == "always":
                 os.fsync(self._fd)
             if self._records >= self.settings.segment_max_records:
                 self._rotate()
+
+    def _write(self, line: bytes) -> None:
+        """Append the whole line or nothing: on a full disk ``write`` can store part of it, and
+        the next record would then be glued to that part and lost with it."""
+        try:
+            written = os.write(self._fd, line)
+        except OSError as exc:
+            written, error = 0, exc.strerror
+        else:
+            error = f"short write ({written} of {len(line)} bytes)"
+        if written == len(line):
+            self._size += written
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._size)
+        raise StoreError(f"cannot append to {self._path}: {error}")
 
     def tick(self) -> None:
         """Periodic upkeep (run off the event loop): flush to disk if asked, seal an old segment."""
@@ -97,7 +112,7 @@ class Journal:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._path = self.dir / f"{name}{SEGMENT_SUFFIX}"
         os.rename(temp, self._path)
-        self._fd, self._records, self._opened_at, self._dirty = fd, 0, time.monotonic(), False
+        self._fd, self._records, self._size, self._opened_at, self._dirty = fd, 0, 0, time.monotonic(), False
 
     def _seal(self) -> None:
         if self._fd >= 0:
