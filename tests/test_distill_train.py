@@ -198,3 +198,22 @@ class InterruptAfterSave(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             raise KeyboardInterrupt
+
+
+def test_answer_only_loss_equals_the_full_models_loss():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+
+    from distill.training.train import answer_only_trainer
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(0, 64, (3, 9))
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 5:], labels[1, 3:7], labels[2, 6:8] = ids[0, 5:], ids[1, 3:7], ids[2, 6:8]
+    trainer = answer_only_trainer(Trainer).__new__(answer_only_trainer(Trainer))
+    full = model(input_ids=ids, labels=labels).loss
+    assert torch.allclose(trainer.compute_loss(model, {"input_ids": ids, "labels": labels}), full)
+    summed = trainer.compute_loss(model, {"input_ids": ids, "labels": labels}, num_items_in_batch=torch.tensor(20))
+    assert torch.allclose(summed, full * 10 / 20)

@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 from arbitrage.errors import ConfigError
 from distill.base import BaseModel, default_models_dir, resolve_base
 from distill.training.config import TrainConfig
-from distill.training.data import ChatEncoder, EncodedSplit, encode_split, read_split
+from distill.training.data import IGNORE_INDEX, ChatEncoder, EncodedSplit, encode_split, read_split
 from distill.versions import MANIFEST, versions, write_json
 from distill.versions import publish as publish_version
 
@@ -295,11 +295,38 @@ def make_trainer(model, tokenizer, splits: dict[str, EncodedSplit], cfg: TrainCo
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-    trainer = Trainer(model=model, args=args, train_dataset=splits["train"].examples,
+    trainer = answer_only_trainer(Trainer)(model=model, args=args, train_dataset=splits["train"].examples,
                       eval_dataset=eval_examples or None, data_collator=collator, processing_class=tokenizer,
                       callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def answer_only_trainer(trainer_class):
+    """``trainer_class`` computing the output head only at the positions the loss is taken on.
+
+    The loss falls on the answer (about 11 of 46 tokens of a classification example), but the
+    model would project every position onto the whole vocabulary (49,152 for SmolLM2): about a
+    fifth of the model's arithmetic, and float32 logits for every prompt token. The loss is the
+    same; a batch trains about 1.3-1.4x faster on a 2-core CPU.
+    """
+
+    class AnswerOnlyTrainer(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+
+            inputs = dict(inputs)
+            targets = inputs.pop("labels")[:, 1:]
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+            outputs = model(**inputs, logits_to_keep=keep)
+            targets = targets[:, keep]
+            loss = torch.nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(),
+                                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None
+                           else (targets != IGNORE_INDEX).sum().clamp(min=1))
+            return (loss, outputs) if return_outputs else loss
+
+    return AnswerOnlyTrainer
 
 
 class TrainingProgress(TrainerCallback):

@@ -1,0 +1,549 @@
+"""Banking77 distillation benchmark (issue 3): capture -> build -> train -> evaluate, timed.
+
+    .venv/bin/python bench/distill_banking77.py                      # the full run (all 10,003 texts)
+    .venv/bin/python bench/distill_banking77.py --quick              # a smoke run of every stage
+    .venv/bin/python bench/distill_banking77.py --trl-baseline 60    # also time TRL's SFTTrainer
+
+1. capture: a real gateway (`arbitrage serve --dev`) in front of `arbitrage sim` (gold labels of
+   Banking77's train.csv and test.csv, no added latency); the training texts are sent as app
+   traffic with the official openai client (16 in flight, a long classification system prompt
+   listing the 77 intents, JSON answers) under the path banking77/intents, the test texts under
+   banking77/intents-heldout (header X-Arbitrage-Path), so training never sees them.
+2. build: `arbitrage distill build banking77/intents --eval-fraction 0`, then a second version
+   whose eval split is the captured held-out path (the teacher's captured answers).
+3. train: `arbitrage distill train` with the recipe below (options of this script).
+4. eval: vLLM (CPU build) with the adapter, `arbitrage distill eval --target 0.99`; coverage at
+   the target is reported for both confidence signals (joint and min token probability).
+5. (--trl-baseline STEPS) TRL's SFTTrainer + peft on the same training split, same LoRA, batch,
+   learning rate and precision, run from bench/.work/trl-venv; not counted in the pipeline time.
+
+Everything goes to bench/.work/distill/<UTC time>/ (data dir, logs, results.json, results.md);
+bench/.work/distill/latest points at the last run (bench/route_banking77.py uses its adapter).
+Every server started here is stopped on exit, on error and on SIGTERM/Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DATA = ROOT / "simulator" / "data" / "banking77"
+WORK = ROOT / "bench" / ".work"
+TRL_PYTHON = WORK / "trl-venv" / "bin" / "python"
+TRAIN_PATH = "banking77/intents"
+HELDOUT_PATH = "banking77/intents-heldout"
+MODEL = "gpt-4o-mini"
+SHORT_PROMPT = "Banking77 intent as JSON."
+TARGETS = {"agreement": 0.93, "coverage_at_99": 0.80, "minutes": 30.0}
+
+
+def app_system_prompt() -> str:
+    """The app's long prompt: what a team would send a frontier model for this path."""
+    labels = json.loads((DATA / "categories.json").read_text())
+    return ("You are the intent classifier of a retail bank's customer support. Read the customer's message and "
+            "decide which one of the following 77 intents it expresses. Answer with a single JSON object and "
+            'nothing else, in the form {"intent": "<intent>"}, using exactly one of these intent names:\n'
+            + "\n".join(f"- {label}" for label in labels))
+
+
+def read_texts(name: str, limit: int | None) -> list[str]:
+    with open(DATA / name, newline="") as stream:
+        texts = [row["text"] for row in csv.DictReader(stream)]
+    return texts[:limit] if limit else texts
+
+
+def write_sim_dataset(path: Path) -> None:
+    """train.csv and test.csv in one file: the simulator then knows the gold label of every text."""
+    with open(path, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["text", "category"])
+        for name in ("train.csv", "test.csv"):
+            with open(DATA / name, newline="") as stream:
+                writer.writerows((row["text"], row["category"]) for row in csv.DictReader(stream))
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Cleanup:
+    """Servers to stop whatever happens; SIGTERM becomes KeyboardInterrupt so `finally` runs."""
+
+    def __init__(self) -> None:
+        self.stops: list = []
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def add(self, stop) -> None:
+        self.stops.append(stop)
+
+    def remove(self, stop) -> None:
+        self.stops.remove(stop)
+
+    def run(self) -> None:
+        while self.stops:
+            try:
+                self.stops.pop()()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                print(f"cleanup: {exc}", file=sys.stderr)
+
+    @staticmethod
+    def _on_sigterm(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+
+def arbitrage_cli(args: list[str], log: Path, env: dict | None = None) -> str:
+    """Run an `arbitrage` command; stdout returned, stderr appended to ``log``; raises on failure."""
+    from arbitrage.server_process import ARBITRAGE
+
+    with open(log, "a") as err:
+        err.write(f"\n$ arbitrage {shlex.join(args)}\n")
+        err.flush()
+        done = subprocess.run(ARBITRAGE + args, stdout=subprocess.PIPE, stderr=err, text=True,
+                              env={**os.environ, **(env or {})}, cwd=ROOT)
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"arbitrage {args[0]} {args[1] if len(args) > 1 else ''} failed "
+                           f"({done.returncode}); end of {log}:\n{tail}")
+    return done.stdout.strip()
+
+
+def start_sim_and_gateway(run: Path, cleanup: Cleanup, latency: list[str] | None = None,
+                          local_url: str | None = None):
+    """`arbitrage sim` (both Banking77 files) and `arbitrage serve --dev` in front of it (with a
+    local model server at ``local_url``, if given)."""
+    from arbitrage.server_process import ARBITRAGE, ServerProcess, free_port
+
+    write_sim_dataset(run / "banking77-all.csv")
+    port = free_port()
+    sim = ServerProcess(ARBITRAGE + ["sim", "--port", str(port), "--dataset", str(run / "banking77-all.csv"),
+                                     *(["--latency-ms", "0", "--token-ms", "0"] if latency is None else latency),
+                                     "--log-level", "warning"],
+                        port, run / "logs" / "sim.log", health="/v1/models")
+    cleanup.add(sim.stop)
+    sim.start(timeout=60)
+    config = run / "arbitrage.toml"
+    config.write_text(f'[gateway]\ndev = true\n\n[[upstreams]]\nname = "sim"\nbase_url = "{sim.url}/v1"\n'
+                      f'models = ["*"]\nmax_retries = 2\n' + (f'\n[local]\nurl = "{local_url}"\n' if local_url else ""))
+    port = free_port()
+    gateway = ServerProcess(ARBITRAGE + ["serve", "--dev", "--port", str(port), "--data-dir", str(run / "data"),
+                                         "--config", str(config)], port, run / "logs" / "gateway.log")
+    cleanup.add(gateway.stop)
+    gateway.start(timeout=60)
+    return sim, gateway
+
+
+async def send_all(base_url: str, texts: list[str], path: str, concurrency: int) -> dict:
+    """Every text as one chat completion through the gateway; counts of answers and errors."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="dev", max_retries=3, timeout=120)
+    semaphore = asyncio.Semaphore(concurrency)
+    prompt = app_system_prompt()
+    errors: list[str] = []
+
+    async def ask(text: str) -> None:
+        async with semaphore:
+            try:
+                await client.chat.completions.create(
+                    model=MODEL, temperature=0, max_tokens=32, extra_headers={"X-Arbitrage-Path": path},
+                    messages=[{"role": "system", "content": prompt}, {"role": "user", "content": text}])
+            except openai.OpenAIError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    try:
+        await asyncio.gather(*(ask(t) for t in texts))
+    finally:
+        await client.close()
+    return {"sent": len(texts), "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
+def capture(run: Path, args, cleanup: Cleanup) -> dict:
+    sim, gateway = start_sim_and_gateway(run, cleanup)
+    train_texts = read_texts("train.csv", args.train_texts)
+    test_texts = read_texts("test.csv", args.test_texts)
+    started = time.perf_counter()
+    sent = {"train": asyncio.run(send_all(gateway.url + "/v1", train_texts, TRAIN_PATH, args.concurrency)),
+            "heldout": asyncio.run(send_all(gateway.url + "/v1", test_texts, HELDOUT_PATH, args.concurrency))}
+    seconds = time.perf_counter() - started
+    for server in (gateway, sim):
+        server.stop()
+        cleanup.remove(server.stop)
+    total = len(train_texts) + len(test_texts)
+    return {**sent, "requests_per_s": round(total / seconds, 1), "concurrency": args.concurrency}
+
+
+# ---------------------------------------------------------------- build
+
+
+def build(run: Path, log: Path) -> dict:
+    """The training path's dataset (no eval split), then a version whose eval split is the held-out path."""
+    import pyarrow.parquet as pq
+
+    data = run / "data"
+    v1 = Path(arbitrage_cli(["distill", "build", TRAIN_PATH, "--data-dir", str(data), "--eval-fraction", "0"], log))
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    train = [example_from_row(row, "captured") for row in pq.read_table(v1 / "train.parquet").to_pylist()]
+    heldout, counts = heldout_examples(data, {row_id(e) for e in train})
+    from distill.dataset.writer import write_dataset
+
+    eval_manifest = {**{k: v for k, v in manifest.items() if k not in ("version", "files")},
+                     "command": f"{manifest['command']}; eval split: bench/distill_banking77.py ({HELDOUT_PATH})",
+                     "eval_source": {"path": HELDOUT_PATH, **counts}, "built_from": str(v1)}
+    eval_manifest["split"] = {**manifest["split"], "eval": len(heldout),
+                              "method": f"eval = captured calls of {HELDOUT_PATH} (Banking77 test.csv)"}
+    v2 = write_dataset(data / "datasets" / TRAIN_PATH, {"train": train, "eval": heldout}, eval_manifest)
+    return {"dataset": v2.name, "train_examples": len(train), "eval_examples": len(heldout),
+            "filters": manifest["filters"], "heldout": counts}
+
+
+def example_from_row(row: dict, source: str):
+    from distill.dataset.source import Example
+
+    return Example(row["request_id"], tuple(json.loads(row["input_messages"])), row["system_prompt"], row["answer"],
+                   answer_model=row["answer_model"], cost_usd=row["cost_usd"], source=source)
+
+
+def row_id(example) -> str:
+    from distill.dataset.writer import example_id
+
+    return example_id(example)
+
+
+def heldout_examples(data: Path, train_ids: set[str]):
+    """The held-out path's captured examples: one per distinct input, none whose input is in training."""
+    from distill.dataset.source import read_captured
+
+    captured = read_captured(data, HELDOUT_PATH)
+    seen, kept, in_train = set(), [], 0
+    for example in captured.examples:
+        key = row_id(example)
+        if key in train_ids:
+            in_train += 1
+        elif key not in seen:
+            kept.append(example)
+        seen.add(key)
+    return kept, {"captured": captured.calls, "unsupported": captured.unsupported, "same_input_in_train": in_train,
+                  "duplicates": len(captured.examples) - in_train - len(kept), "kept": len(kept)}
+
+
+# ---------------------------------------------------------------- train
+
+
+def recipe_args(args) -> list[str]:
+    options = ["--drop-system-prompt", "--short-system-prompt", args.short_prompt, "--rank", str(args.rank),
+               "--lr", str(args.lr), "--warmup-ratio", str(args.warmup_ratio), "--lr-schedule", args.schedule,
+               "--batch-size", str(args.batch_size), "--grad-accumulation", str(args.grad_accumulation),
+               "--max-seq-len", str(args.max_seq_len), "--bf16", args.bf16,
+               "--eval-steps", "100000", "--max-eval-examples", str(args.train_eval_examples),
+               "--save-steps", str(args.save_steps), "--logging-steps", "10"]
+    if args.lora_alpha:
+        options += ["--lora-alpha", str(args.lora_alpha)]
+    return options + (["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)])
+
+
+def train(run: Path, dataset: str, args, log: Path) -> dict:
+    folder = Path(arbitrage_cli(["distill", "train", TRAIN_PATH, "--data-dir", str(run / "data"),
+                                 "--dataset-version", dataset, "--no-resume", *recipe_args(args)], log))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {"adapter": folder.name, "folder": str(folder), "command": manifest["command"],
+            "steps": manifest["metrics"]["global_step"], "train_loss": manifest["metrics"]["train_loss"],
+            "eval_loss": manifest["metrics"]["eval_loss"], "precision_bf16": manifest["precision"]["bf16"],
+            **manifest["timing"], "examples": manifest["dataset"]["train"]}
+
+
+# ---------------------------------------------------------------- eval
+
+
+def start_vllm(run: Path, base: str, rank: int, cleanup: Cleanup):
+    from arbitrage.config import LocalSettings
+    from deploy.vllm import LocalServer, free_port
+
+    settings = LocalSettings(served_model_name="base", max_loras=1, max_lora_rank=max(8, rank), max_model_len=1024,
+                             startup_timeout_s=900)
+    server = LocalServer(settings, base, run / "vllm", port=free_port())
+    cleanup.add(server.stop)
+    server.start()
+    return server
+
+
+def evaluate(run: Path, trained: dict, args, log: Path, cleanup: Cleanup) -> dict:
+    started = time.perf_counter()
+    adapter = json.loads((Path(trained["folder"]) / "manifest.json").read_text())
+    server = start_vllm(run, adapter["base"]["location"], args.rank, cleanup)
+    startup = time.perf_counter() - started
+    try:
+        options = ["--adapter", trained["adapter"], "--vllm-url", server.base_url, "--target", str(args.target),
+                   "--concurrency", str(args.eval_concurrency), "--max-tokens", "32"]
+        options += ["--max-examples", str(args.eval_examples)] if args.eval_examples else []
+        folder = Path(arbitrage_cli(["distill", "eval", TRAIN_PATH, "--data-dir", str(run / "data"), *options], log))
+    finally:
+        server.stop()
+        cleanup.remove(server.stop)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {"folder": str(folder), "command": manifest["command"], "vllm_startup_seconds": round(startup, 1),
+            **signals(folder / "predictions.parquet", args.target),
+            **{k: manifest[k] for k in ("examples", "errors", "first_error", "agreement", "at_target", "calibrated")},
+            "timing": manifest["timing"]}
+
+
+def signals(predictions: Path, target: float) -> dict:
+    """Coverage at the target agreement by each confidence signal in the predictions."""
+    import pyarrow.parquet as pq
+
+    from router import calibration
+
+    rows = pq.read_table(predictions).to_pylist()
+    found = {}
+    for name, column in (("joint", "confidence"), ("min", "confidence_min")):
+        points = [(r[column], bool(r["agreed"])) for r in rows]
+        reached = calibration.at_target(points, target)
+        calibrated = calibration.calibrate(points, target, min_samples=100)
+        calibrated_point = next((p for p in calibration.curve(points) if p.threshold == calibrated), None)
+        found[name] = {"at_target": reached._asdict() if reached else None,
+                       "calibrated": calibrated_point._asdict() if calibrated_point else None}
+    return {"signals": found, "invalid_answers": sum(1 for r in rows if r["answer"] is not None and not r["agreed"]
+                                                      and (r["detail"] or "").startswith("invalid"))}
+
+
+# ---------------------------------------------------------------- TRL baseline
+
+
+def trl_baseline(run: Path, dataset: str, steps: int, args, log: Path) -> dict:
+    """TRL's SFTTrainer on the same training split, from its own venv (this file's `trl-worker` mode)."""
+    if not TRL_PYTHON.exists():
+        raise RuntimeError(f"no TRL venv at {TRL_PYTHON}: see bench/README.md (distill_banking77) to create it")
+    out = run / "trl-baseline.json"
+    command = [str(TRL_PYTHON), __file__, "trl-worker", "--dataset",
+               str(run / "data" / "datasets" / TRAIN_PATH / dataset), "--steps", str(steps), "--out", str(out),
+               *trl_recipe(args)]
+    with open(log, "a") as err:
+        err.write(f"\n$ {shlex.join(command)}\n")
+        err.flush()
+        done = subprocess.run(command, stdout=err, stderr=subprocess.STDOUT, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"TRL baseline failed ({done.returncode}); see {log}")
+    return json.loads(out.read_text())
+
+
+def trl_recipe(args) -> list[str]:
+    return ["--short-prompt", args.short_prompt, "--rank", str(args.rank), "--lr", str(args.lr),
+            "--batch-size", str(args.batch_size), "--grad-accumulation", str(args.grad_accumulation),
+            "--max-seq-len", str(args.max_seq_len), "--bf16", "off" if args.bf16 == "off" else "on",
+            *(["--lora-alpha", str(args.lora_alpha)] if args.lora_alpha else [])]
+
+
+def trl_worker(argv: list[str]) -> None:
+    """Runs inside the TRL venv: SFTTrainer + peft, prompt-completion data (loss on the answer only)."""
+    parser = argparse.ArgumentParser()
+    for name in ("--dataset", "--out", "--short-prompt", "--bf16"):
+        parser.add_argument(name, required=True)
+    for name in ("--steps", "--rank", "--batch-size", "--grad-accumulation", "--max-seq-len"):
+        parser.add_argument(name, type=int, required=True)
+    parser.add_argument("--lr", type=float, required=True)
+    parser.add_argument("--lora-alpha", type=float)
+    a = parser.parse_args(argv)
+    import pyarrow.parquet as pq
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    base = json.loads((Path(a.dataset) / "manifest.json").read_text())  # noqa: F841 - kept for the record
+    models = Path(os.environ.get("ARBITRAGE_MODEL_CACHE", Path.home() / ".cache/arbitrage/models"))
+    location = next(p for p in sorted((models / "smollm2-135m-instruct").iterdir()) if (p / "config.json").is_file())
+    rows = pq.read_table(Path(a.dataset) / "train.parquet").to_pylist()
+    data = Dataset.from_list([{"prompt": [{"role": "system", "content": a.short_prompt}, *json.loads(r["input_messages"])],
+                               "completion": [{"role": "assistant", "content": r["answer"]}]} for r in rows])
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+
+    class Timer(TrainerCallback):
+        seconds, tokens, started, first = 0.0, 0, 0.0, None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            self.first = state.num_input_tokens_seen if self.first is None else self.first
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds += time.perf_counter() - self.started
+            self.tokens = state.num_input_tokens_seen - self.first
+
+    timer = Timer()
+    config = trl.SFTConfig(output_dir=str(Path(a.out).parent / "trl-out"), max_steps=a.steps, use_cpu=True,
+                           bf16=a.bf16 == "on", per_device_train_batch_size=a.batch_size,
+                           gradient_accumulation_steps=a.grad_accumulation, learning_rate=a.lr,
+                           max_length=a.max_seq_len, logging_steps=10, save_strategy="no", report_to="none",
+                           include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0)
+    lora = LoraConfig(r=a.rank, lora_alpha=a.lora_alpha or 2 * a.rank, lora_dropout=0.0, target_modules="all-linear",
+                      bias="none", task_type="CAUSAL_LM")
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                             peft_config=lora, callbacks=[timer])
+    output = trainer.train()
+    Path(a.out).write_text(json.dumps({
+        "steps": a.steps, "tokens": timer.tokens, "train_seconds": round(timer.seconds, 2),
+        "tokens_per_s": round(timer.tokens / timer.seconds, 1), "train_loss": output.training_loss,
+        "trl": trl.__version__, "transformers": transformers.__version__, "bf16": a.bf16 == "on"}, indent=2))
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine() -> dict:
+    load = os.getloadavg()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
+                                                                        * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(), "commit": commit.strip(), "load_at_start": [round(x, 2) for x in load]}
+
+
+def report(results: dict) -> str:
+    stages, ev, tr = results["stages"], results.get("eval", {}), results.get("train", {})
+    total_min = sum(stages.values()) / 60
+    joint, low = (ev.get("signals", {}).get(n, {}).get("at_target") for n in ("joint", "min"))
+    best = max((s["coverage"] for s in (joint, low) if s), default=0.0)
+    lines = [f"Command: `{results['command']}`", "",
+             f"Machine: {results['machine']['cores']} cores ({results['machine']['cpu']}), "
+             f"{results['machine']['memory_gib']} GiB, Python {results['machine']['python']}, commit "
+             f"{results['machine']['commit']}, started {results['started_at']}; load average at start "
+             f"{results['machine']['load_at_start']}, during the run {results.get('load_during')}", "",
+             "| measure | target | measured | met |", "| --- | --- | --- | --- |"]
+    if ev:
+        lines.append(f"| agreement at full coverage ({ev['examples']} test texts) | >= 93% | {ev['agreement']:.1%} | "
+                     f"{_met(ev['agreement'] >= TARGETS['agreement'])} |")
+        for name, point in (("joint", joint), ("min", low)):
+            shown = f"{point['coverage']:.1%} (threshold {point['threshold']:.4f})" if point else "none"
+            lines.append(f"| coverage at 99% agreement, `{name}` confidence | >= 80% | {shown} | "
+                         f"{_met(bool(point) and point['coverage'] >= TARGETS['coverage_at_99'])} |")
+    lines.append(f"| minutes from capture to evaluated adapter | < 30 | {total_min:.1f} | "
+                 f"{_met(total_min < TARGETS['minutes'] and bool(ev))} |")
+    if tr:
+        trl_speed = results.get("trl_baseline", {}).get("tokens_per_s")
+        lines.append(f"| training tokens/s vs TRL SFTTrainer | >= TRL | {tr['tokens_per_s']} vs "
+                     f"{trl_speed or 'not run'} | {_met(bool(trl_speed) and tr['tokens_per_s'] >= trl_speed)} |")
+    lines += ["", "Stages (minutes): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in stages.items()),
+              f"Best coverage at 99%: {best:.1%}"]
+    return "\n".join(lines)
+
+
+def _met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse(argv: list[str]):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 300 training texts, 100 test texts, 30 steps")
+    p.add_argument("--train-texts", type=int, help="send only the first N training texts [all 10,003]")
+    p.add_argument("--test-texts", type=int, help="send only the first N test texts [all 3,080]")
+    p.add_argument("--trl-baseline", type=int, metavar="STEPS", help="also time TRL's SFTTrainer for STEPS steps")
+    p.add_argument("--concurrency", type=int, default=16, help="app requests in flight during capture")
+    p.add_argument("--eval-concurrency", type=int, default=32, help="eval requests in flight to vLLM")
+    p.add_argument("--eval-examples", type=int, help="evaluate only the first N held-out examples [all]")
+    p.add_argument("--target", type=float, default=0.99)
+    p.add_argument("--short-prompt", default=SHORT_PROMPT, help="system prompt trained and served instead of the app's")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, help="[2 x rank]")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--schedule", default="linear")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accumulation", type=int, default=1)
+    p.add_argument("--max-seq-len", type=int, default=128)
+    p.add_argument("--bf16", default="on", choices=["auto", "on", "off"])
+    p.add_argument("--save-steps", type=int, default=200)
+    p.add_argument("--train-eval-examples", type=int, default=200, help="eval-loss examples at the end of training")
+    p.add_argument("--run-dir", type=Path, help="[bench/.work/distill/<UTC time>]")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_texts = args.train_texts or 300
+        args.test_texts = args.test_texts or 100
+        args.max_steps = args.max_steps or 30
+        args.save_steps = 1000
+        args.train_eval_examples = 50
+    return args
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["trl-worker"]:
+        trl_worker(argv[1:])
+        return 0
+    args = parse(argv)
+    os.environ.setdefault("ARBITRAGE_MODEL_CACHE", str(Path.home() / ".cache" / "arbitrage" / "models"))
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run = args.run_dir or WORK / "distill" / stamp
+    (run / "logs").mkdir(parents=True, exist_ok=True)
+    latest = WORK / "distill" / "latest"
+    if not args.run_dir:
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(run.name)
+    log = run / "logs" / "stages.log"
+    results = {"command": shlex.join([".venv/bin/python", "bench/distill_banking77.py", *argv]), "run_dir": str(run),
+               "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "stages": {},
+               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    cleanup = Cleanup()
+    loads = []
+    try:
+        for name, stage in (("capture", lambda: capture(run, args, cleanup)), ("build", lambda: build(run, log)),
+                            ("train", lambda: train(run, results["build"]["dataset"], args, log)),
+                            ("eval", lambda: evaluate(run, results["train"], args, log, cleanup))):
+            progress(f"{name}...")
+            started = time.perf_counter()
+            results[name] = stage()
+            results["stages"][name] = round(time.perf_counter() - started, 1)
+            loads.append(os.getloadavg()[1])
+            progress(f"{name} done in {results['stages'][name] / 60:.1f} min: {short(results[name])}")
+            save(run, results)
+        if args.trl_baseline:
+            progress(f"TRL SFTTrainer baseline, {args.trl_baseline} steps...")
+            results["trl_baseline"] = trl_baseline(run, results["build"]["dataset"], args.trl_baseline, args, log)
+            progress(f"TRL: {short(results['trl_baseline'])}")
+    except KeyboardInterrupt:
+        progress("interrupted; stopping servers")
+        return 130
+    finally:
+        cleanup.run()
+        results["load_during"] = [round(x, 2) for x in loads]
+        save(run, results)
+    text = report(results)
+    (run / "results.md").write_text(text + "\n")
+    print(text)
+    progress(f"results in {run}")
+    return 0
+
+
+def short(value: dict) -> str:
+    return json.dumps({k: v for k, v in value.items() if not isinstance(v, (dict, list))}, default=str)[:600]
+
+
+def progress(message: str) -> None:
+    print(f"[{datetime.now(UTC).strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def save(run: Path, results: dict) -> None:
+    (run / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
