@@ -20,7 +20,7 @@ from arbitrage.cli_options import CONFIG_OPTION, friendly_errors
 from arbitrage.config import load_config
 
 ADMIN_KEY_ENV = "ARBITRAGE_ADMIN_KEY"
-HEADER = ["path", "mode", "share", "threshold", "adapter", "comparator", "history"]
+HEADER = ["path", "mode", "share", "threshold", "adapter", "comparator", "history", "calibrated (shadow data)"]
 
 
 def gateway_options(command):
@@ -115,7 +115,17 @@ def render(routes: dict[str, dict[str, Any]]) -> str:
 def _row(path: str, entry: dict[str, Any]) -> list[str]:
     p = entry["policy"]
     return [path, p["mode"], f"{p['share']:g}%", f"{p['threshold']:g}", p["adapter"] or "-",
-            p["comparator"]["name"], str(entry.get("history", 0))]
+            p["comparator"]["name"], str(entry.get("history", 0)), _calibrated(entry.get("status") or {})]
+
+
+def _calibrated(status: dict[str, Any]) -> str:
+    """The threshold calibrated on shadow data, with its sample count."""
+    calibration = status.get("calibration")
+    if not calibration or "samples" not in calibration:
+        return "-"
+    threshold = calibration["threshold"]
+    shown = f"{threshold:.4g}" if threshold is not None else "not yet"
+    return f"{shown} ({calibration['samples']} compared)"
 
 
 @route.command("set")

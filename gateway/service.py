@@ -212,8 +212,14 @@ class Gateway:
         return None
 
     def route_status(self, path: str) -> dict:
-        """Live facts about a path's route (for the admin API)."""
-        return self.router.status(path)
+        """Live facts about a path's route (for the admin API), with the threshold calibrated on
+        its adapter's shadow and audit comparisons so far."""
+        status = self.router.status(path)
+        policy = self.routes.get(path)
+        if policy is not None and policy.adapter:
+            status["calibration"] = calibrate_from_shadow(self.config.data_dir, path, Router.served_name(path, policy),
+                                                          policy)
+        return status
 
     def _upstream_for(self, model: str) -> Upstream:
         upstream = self.pool.for_model(model)
@@ -250,6 +256,23 @@ class Gateway:
         except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream {upstream.name!r} broke off its answer", code="upstream_broken") from exc
         return Response(content, status_code=reply.status, media_type=reply.headers.get("content-type"))
+
+
+def calibrate_from_shadow(data_dir, path: str, adapter: str, policy) -> dict:
+    """The lowest threshold whose agreement among the comparisons above it has a Wilson lower
+    bound at the policy's target (with at least ``ramp.min_samples`` of them); None if none yet."""
+    from arbitrage.capture.store import connect
+    from router.calibration import calibrate
+
+    try:
+        points = connect(data_dir).execute(
+            "SELECT confidence, agreed FROM shadow WHERE path = ? AND adapter = ? AND agreed IS NOT NULL "
+            "AND confidence IS NOT NULL", [path, adapter]).fetchall()
+    except Exception as exc:  # a report for an operator, never a failed request
+        return {"error": str(exc)}
+    ramp = policy.ramp
+    threshold = calibrate(points, ramp.target, z=ramp.z, min_samples=ramp.min_samples)
+    return {"samples": len(points), "target": ramp.target, "threshold": threshold}
 
 
 async def _fetch_models(upstream: Upstream, request: Request) -> list[dict]:

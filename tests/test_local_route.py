@@ -9,7 +9,10 @@ data dir); the gateway picks each edit up within a second.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -174,6 +177,8 @@ def test_shadow_mode_compares_in_the_background_and_the_ramp_moves_on_evidence(r
     changes = json.loads(arbitrage("sql", "SELECT actor, action, mode_before, mode_after FROM route_changes "
                                    "WHERE actor = 'ramp' ORDER BY ts", "--json", "--data-dir", str(data_dir)).stdout)
     assert [(c["action"], c["mode_after"]) for c in changes] == [("raise", "canary"), ("rollback", "shadow")]
+    calibration = _admin_status(process)["calibration"]
+    assert calibration["samples"] >= 3 and calibration["target"] == 0.4
     disagreements = [r for r in shadow_rows(data_dir) if r["agreed"] is False]
     assert disagreements and all(r["upstream_answer"] != r["local_answer"] for r in disagreements)
     assert {r["kind"] for r in shadow_rows(data_dir)} >= {"shadow"}
@@ -198,3 +203,56 @@ def _wait_for_policy(data_dir: Path, condition, timeout: float = 60):
             return policy
         time.sleep(0.5)
     raise AssertionError(f"the policy never changed as expected: {policy}")
+
+
+def test_vllm_killed_under_load_no_client_sees_an_error_and_serving_resumes_after_restart(routed, vllm):
+    """kill -9 of vLLM mid-load: every request still answered (upstream); vLLM back: the gateway
+    loads the adapter again by itself and local serving resumes. (Runs last: it restarts the
+    session's vLLM.)"""
+    process, data_dir, _ = routed
+    set_policy(routed, mode="local", share=100, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0)
+    stop, errors, answered = threading.Event(), [], []
+
+    def load(offset: int) -> None:
+        i = offset
+        while not stop.is_set():
+            try:
+                raw = ask(process, OTHERS[i % len(OTHERS)])
+                answered.append((time.monotonic(), raw.headers.get("x-arbitrage-served-by") or "upstream"))
+            except Exception as exc:  # any client-visible failure is what this test looks for
+                errors.append(exc)
+            i += 4
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        _until(lambda: sum(s == "local" for _, s in answered) >= 5, "local answers before the kill")
+        os.killpg(vllm.process.pid, signal.SIGKILL)
+        vllm.process.wait(timeout=30)
+        killed_at = time.monotonic()
+        _until(lambda: sum(t > killed_at + 3 and s == "upstream" for t, s in answered) >= 10,
+               "upstream answers while vLLM is down")
+        vllm.start()
+        restarted_at = time.monotonic()
+        _until(lambda: any(t > restarted_at and s == "local" for t, s in answered), "local answers after the restart",
+               timeout=120)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    assert errors == []
+    reasons = {r["route_reason"] for r in records(data_dir, "served_by = 'fallback'")}
+    assert reasons & {"local_unreachable", "local_error", "local_timeout"}, reasons
+    down = records(data_dir, "route_reason = 'local_unavailable'")
+    assert down and all(r["served_by"] == "upstream" and r["status_code"] == 200 for r in down)
+
+
+def _until(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
