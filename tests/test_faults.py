@@ -6,13 +6,15 @@ lost. No timing assertions here: rates and latencies are measured by bench/soak.
 A full disk (decided in issue 7): the gateway keeps answering; a record that cannot be written
 is counted (``arbitrage_capture_failures_total``) and logged with its request id, and is not
 retried; recording resumes by itself once there is space again, and every record written before
-or after is intact.
+or after is intact. A compaction pass that finds the disk full leaves the journal as it is,
+removes its partial Parquet file and is tried again.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -125,12 +127,20 @@ def fill(disk: Path, leave: int = 8192) -> Path:
     return filler
 
 
+def wait_for_log(gw: Gateway, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in gw.process.log.read_text():
+        assert time.monotonic() < deadline, f"no {text!r} in the gateway's log"
+        time.sleep(0.2)
+
+
 def test_full_disk_keeps_answering_and_recording_resumes_when_space_frees(sim, tmp_path, small_disk):
     gw = fault_gateway(tmp_path, sim, small_disk / "data")
     try:
         filler = fill(small_disk)
         during = post_all(gw, [chat(text=f"{CARD} {i} " + "x" * 1500) for i in range(30)])
         failed = metric(gw, "arbitrage_capture_failures_total")
+        wait_for_log(gw, "capture compaction failed")  # a sealed segment met the full disk too
         filler.unlink()
         after = post_all(gw, [chat(text=f"{CARD} after {i}") for i in range(10)])
     finally:
@@ -142,6 +152,7 @@ def test_full_disk_keeps_answering_and_recording_resumes_when_space_frees(sim, t
     assert len(recorded & set(ids(during))) == 30 - failed
     assert set(ids(after)) <= recorded
     assert "unreadable journal lines" not in log  # no half-written record, nor one glued to it
+    assert "Traceback" not in log  # a compaction pass that found the disk full is one line, retried
 
 
 # Upstream refusing connections, then back

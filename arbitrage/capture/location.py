@@ -43,13 +43,18 @@ class LocalParquet:
         self.data_dir = data_dir
 
     def write(self, table: str, name: str, rows: pa.Table) -> None:
-        """Write one file whole: temporary name, fsync, rename."""
+        """Write one file whole: temporary name, fsync, rename. A failure (a full disk) is a
+        StoreError: the segment stays in the journal for the next pass, the partial file is removed."""
         target = self.data_dir / table / PARQUET_DIR / name
         temp = target.with_name(f".{name}.tmp")
-        pq.write_table(rows, temp, compression="zstd")
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, target)
+        try:
+            pq.write_table(rows, temp, compression="zstd")
+            with open(temp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(temp, target)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write {target}: {exc}") from None
 
     def glob(self, table: str) -> str:
         """The pattern DuckDB reads this table's files with."""
