@@ -30,6 +30,7 @@ import csv
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -242,7 +243,7 @@ def heldout_examples(data: Path, train_ids: set[str]):
 # ---------------------------------------------------------------- train
 
 
-def recipe_args(args) -> list[str]:
+def recipe_args(args, max_steps: int | None = None) -> list[str]:
     options = ["--drop-system-prompt", "--short-system-prompt", args.short_prompt, "--rank", str(args.rank),
                "--lr", str(args.lr), "--warmup-ratio", str(args.warmup_ratio), "--lr-schedule", args.schedule,
                "--batch-size", str(args.batch_size), "--grad-accumulation", str(args.grad_accumulation),
@@ -251,17 +252,58 @@ def recipe_args(args) -> list[str]:
                "--save-steps", str(args.save_steps), "--logging-steps", "10"]
     if args.lora_alpha:
         options += ["--lora-alpha", str(args.lora_alpha)]
-    return options + (["--max-steps", str(args.max_steps)] if args.max_steps else ["--epochs", str(args.epochs)])
+    max_steps = max_steps or args.max_steps
+    return options + (["--max-steps", str(max_steps)] if max_steps else ["--epochs", str(args.epochs)])
 
 
 def train(run: Path, dataset: str, args, log: Path) -> dict:
-    folder = Path(arbitrage_cli(["distill", "train", TRAIN_PATH, "--data-dir", str(run / "data"),
-                                 "--dataset-version", dataset, "--no-resume", *recipe_args(args)], log))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    return {"adapter": folder.name, "folder": str(folder), "command": manifest["command"],
-            "steps": manifest["metrics"]["global_step"], "train_loss": manifest["metrics"]["train_loss"],
+    """`arbitrage distill train`; with --train-minutes, interrupted when the time is up and resumed
+    with --max-steps at its last checkpoint, which publishes that checkpoint as the adapter."""
+    command = ["distill", "train", TRAIN_PATH, "--data-dir", str(run / "data"), "--dataset-version", dataset]
+    stopped = None
+    if args.train_minutes:
+        folder, stopped = train_for(command + ["--no-resume", *recipe_args(args)], args.train_minutes * 60, run, log)
+        if stopped:
+            folder = arbitrage_cli(command + recipe_args(args, max_steps=stopped["step"]), log)
+    else:
+        folder = arbitrage_cli(command + ["--no-resume", *recipe_args(args)], log)
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    timing = manifest["timing"] if not stopped else {
+        "train_seconds": None, "tokens_trained": stopped["tokens"], "tokens_per_s": stopped["tokens_per_s"]}
+    return {"adapter": Path(folder).name, "folder": str(folder), "command": manifest["command"],
+            "steps": manifest["metrics"]["global_step"], "planned_steps": stopped and stopped["planned"],
+            "epoch": manifest["metrics"]["epoch"], "train_loss": manifest["metrics"]["train_loss"],
             "eval_loss": manifest["metrics"]["eval_loss"], "precision_bf16": manifest["precision"]["bf16"],
-            **manifest["timing"], "examples": manifest["dataset"]["train"]}
+            "stopped_by_time": bool(stopped), **timing, "examples": manifest["dataset"]["train"]}
+
+
+def train_for(args: list[str], seconds: float, run: Path, log: Path) -> tuple[str | None, dict | None]:
+    """Run the training; if it is still running after ``seconds``, interrupt it (Ctrl-C: it keeps its
+    checkpoints) and return the last checkpoint's step, tokens seen and the bar's last tokens/s."""
+    from arbitrage.server_process import ARBITRAGE
+
+    with open(log, "a") as err:
+        err.write(f"\n$ arbitrage {shlex.join(args)}  (time budget {seconds / 60:.0f} min)\n")
+        err.flush()
+        proc = subprocess.Popen(ARBITRAGE + args, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        try:
+            out, _ = proc.communicate(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=300)
+        except BaseException:
+            proc.kill()
+            raise
+    if proc.returncode == 0:
+        return out.strip(), None
+    checkpoints = sorted(run.glob(f"data/adapters/{TRAIN_PATH}/v*.partial/checkpoints/checkpoint-*"),
+                         key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    if not checkpoints:
+        raise RuntimeError(f"training stopped ({proc.returncode}) before its first checkpoint; see {log}")
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    speeds = re.findall(r"tok/s=(\d+)", log.read_text(errors="replace"))
+    return None, {"step": state["global_step"], "planned": state["max_steps"],
+                  "tokens": state.get("num_input_tokens_seen"), "tokens_per_s": float(speeds[-1]) if speeds else None}
 
 
 # ---------------------------------------------------------------- eval
@@ -472,15 +514,17 @@ def parse(argv: list[str]):
     p.add_argument("--grad-accumulation", type=int, default=1)
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--bf16", default="on", choices=["auto", "on", "off"])
-    p.add_argument("--save-steps", type=int, default=200)
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps [200; 10 with --train-minutes]")
+    p.add_argument("--train-minutes", type=float, help="stop training after this long and use its last checkpoint")
     p.add_argument("--train-eval-examples", type=int, default=200, help="eval-loss examples at the end of training")
     p.add_argument("--run-dir", type=Path, help="[bench/.work/distill/<UTC time>]")
     args = p.parse_args(argv)
+    args.save_steps = args.save_steps or (10 if args.train_minutes else 200)
     if args.quick:
         args.train_texts = args.train_texts or 300
         args.test_texts = args.test_texts or 100
         args.max_steps = args.max_steps or 30
-        args.save_steps = 1000
+        args.save_steps = args.save_steps if args.train_minutes else 1000
         args.train_eval_examples = 50
     return args
 

@@ -8,7 +8,7 @@
 2. Latency through the real gateway, in one run, one request at a time: the path's route off
    (every answer from `arbitrage sim` at its default latency: log-normal, median 300 ms, sigma 0.5,
    standing in for gpt-4o) against the local route at share 100 and threshold 0 (every answer from
-   vLLM with the adapter). Median and p90 of the client's time (official openai client).
+   vLLM with the adapter; output check "text" so that none falls back). Median and p90 of the client's time (official openai client).
 3. The operating point: the local route at share 100 and the threshold reaching 99% agreement on
    the eval; held-out texts sent through the gateway (4 in flight): share served locally,
    agreement of what was served with the teacher's (gold) label, upstream dollars paid against
@@ -193,7 +193,7 @@ def main(argv: list[str]) -> int:
     texts, gold = list(gold_labels()), gold_labels()
     cleanup = distill.Cleanup()
     try:
-        vllm, sim, gateway = start_servers(run, distill_run, source["train"]["adapter"], source["config"]["rank"],
+        vllm, sim, gateway = start_servers(run, distill_run, source["train"]["adapter"], source.get("config", {}).get("rank", 16),
                                            cleanup)
         n, policy = args.requests + 3, {"adapter": source["train"]["adapter"], "output": "json", "confidence": signal,
                                         "audit_rate": 0.0, "shadow_rate": 0.0, "ramp": {"enabled": False}}
@@ -201,12 +201,12 @@ def main(argv: list[str]) -> int:
         set_policy(run, gateway, {**policy, "mode": "off"})
         results["upstream"] = latency(phase(gateway, texts[:n]))
         distill.progress(f"latency: local route, share 100, threshold 0, {args.requests} requests")
-        set_policy(run, gateway, {**policy, "mode": "local", "share": 100.0, "threshold": 0.0})
+        set_policy(run, gateway, {**policy, "mode": "local", "share": 100.0, "threshold": 0.0, "output": "text"})
         local = phase(gateway, texts[n:2 * n])
         results["local"] = {**latency(local), **agreement(local, gold, "local")}
         threshold = operating["threshold"] if operating else 1.0
         distill.progress(f"operating point: threshold {threshold:.4f} ({signal}), {args.operating} requests")
-        set_policy(run, gateway, {**policy, "mode": "local", "share": 100.0, "threshold": threshold})
+        set_policy(run, gateway, {**policy, "mode": "local", "share": 100.0, "threshold": threshold, "output": "json"})
         since = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
         replies = phase(gateway, texts[2 * n:2 * n + args.operating + 3], concurrency=4)
         results["operating"] = {"threshold": threshold, **latency(replies), "local": agreement(replies, gold, "local"),
@@ -256,11 +256,11 @@ def report(r: dict) -> str:
     lines += ["", "| answered by | requests | p50 ms | p90 ms |", "| --- | ---: | ---: | ---: |",
               f"| upstream (sim, median 300 ms log-normal) | {up['n']} | {up['p50_ms']} | {up['p90_ms']} |",
               f"| local route (vLLM + adapter), share 100, threshold 0 | {lo['n']} | {lo['p50_ms']} | {lo['p90_ms']} |",
-              "", f"Local answers at threshold 0 agreeing with the teacher: {lo['agreement']:.1%} of {lo['served']}."]
+              "", f"Local answers at threshold 0 agreeing with the teacher: {_pct(lo['agreement'])} of {lo['served']}."]
     op, money_ = r["operating"], r["dollars"]
     share = op["served_by"].get("local", 0) / op["n"]
     lines += ["", f"Operating point (`{r['signal']}` >= {op['threshold']:.4f}): {share:.1%} of {op['n']} served locally, "
-              f"agreement {op['local']['agreement'] or 0:.1%} among them; upstream spend cut "
+              f"agreement {_pct(op['local']['agreement'])} among them; upstream spend cut "
               f"{money_['gateway_records']['spend_cut'] or 0:.1%} in the gateway's records; p50 {op['p50_ms']} ms, "
               f"p90 {op['p90_ms']} ms at 4 in flight.", "",
               "| per 10,000 requests | all upstream | saved at the measured share | saved at the eval's coverage |",
@@ -270,6 +270,10 @@ def report(r: dict) -> str:
         lines.append(f"| {model} | ${m['all_upstream_usd']:.2f} | ${m['saved_usd']:.2f} ({m['spend_cut']:.1%}) | "
                      f"${e['saved_usd']:.2f} ({e['spend_cut']:.1%}) |")
     return "\n".join(lines)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 if __name__ == "__main__":
