@@ -23,9 +23,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import httpx
 
@@ -51,7 +51,7 @@ def vllm_python(settings: LocalSettings) -> str:
 def has_gpu() -> bool:
     """An NVIDIA GPU is visible (then the CUDA build of vLLM is expected, with its own defaults)."""
     return shutil.which("nvidia-smi") is not None and subprocess.run(
-        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+        ["nvidia-smi", "-L"], capture_output=True, check=False).returncode == 0
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -19,7 +19,6 @@ cost of a sample.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -252,7 +251,7 @@ class Router:
             try:
                 response, cost = await self.ask_upstream(call.model, upstream_body)
                 text = response["choices"][0]["message"].get("content") or ""
-            except Exception as exc:  # an audit that fails is recorded, never raised
+            except Exception as exc:  # noqa: BLE001 - an audit that fails is recorded, never raised
                 self._write_shadow(call.path, policy, call.request_id, "audit", None, local_text, confidence, None,
                                    None, (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}"[:300])
                 return
@@ -328,6 +327,8 @@ class Router:
             self.metrics.mode.labels(label, mode).set(1 if mode == policy.mode else 0)
         self.metrics.agreement_target.labels(label).set(policy.ramp.target)
         self.metrics.agreement_floor.labels(label).set(policy.ramp.floor)
+        for action in ("raise", "rollback"):  # present at 0, so the first decision shows in increase()
+            self.metrics.ramp_decisions.labels(label, action)
 
     def status(self, path: str) -> dict:
         """Live facts about a path's route for the admin API."""

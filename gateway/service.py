@@ -10,8 +10,9 @@ import contextlib
 import gc
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 import orjson
@@ -19,7 +20,13 @@ from litestar import Litestar, Request, Response
 
 from arbitrage.capture.store import CaptureStore
 from arbitrage.config import Config
-from arbitrage.errors import ConfigError, InvalidRequestError, NotFoundError, StoreError, UpstreamError
+from arbitrage.errors import (
+    ConfigError,
+    InvalidRequestError,
+    NotFoundError,
+    StoreError,
+    UpstreamError,
+)
 from arbitrage.keys import KeyStore
 from arbitrage.pricing import PriceBook
 from gateway.auth import Authenticator
@@ -131,7 +138,7 @@ class Gateway:
                     published = policies
                 if policies or self.config.local.url:
                     await self.local.reconcile(self.routes.needed_adapters())
-            except Exception:  # the loop must outlive one bad round
+            except Exception:
                 log.exception("route watch failed")
             await asyncio.sleep(1.0)
 
@@ -140,7 +147,7 @@ class Gateway:
 
         try:
             costs = one_time_costs(self.config.data_dir, self.config.economics)
-        except Exception as exc:  # a report, not a reason to stop routing
+        except Exception as exc:  # noqa: BLE001 - a report, not a reason to stop routing
             log.warning("one-time costs unavailable: %s", exc)
             return
         for path in policies:
@@ -268,7 +275,7 @@ def calibrate_from_shadow(data_dir, path: str, adapter: str, policy) -> dict:
         points = connect(data_dir).execute(
             "SELECT confidence, agreed FROM shadow WHERE path = ? AND adapter = ? AND agreed IS NOT NULL "
             "AND confidence IS NOT NULL", [path, adapter]).fetchall()
-    except Exception as exc:  # a report for an operator, never a failed request
+    except Exception as exc:  # noqa: BLE001 - a report for an operator, never a failed request
         return {"error": str(exc)}
     ramp = policy.ramp
     threshold = calibrate(points, ramp.target, z=ramp.z, min_samples=ramp.min_samples)

@@ -167,3 +167,73 @@ def intents_adapter(tmp_path_factory, models_dir, base_folder) -> Path:
                       max_seq_len=128, eval_steps=1000, save_steps=1000, logging_steps=10)
     train(cfg, data_dir, ["pytest"], models_dir=models_dir, progress=False)
     return data_dir
+
+
+ROUTED_CONFIG = """
+[gateway]
+dev = true
+
+[[upstreams]]
+name = "sim"
+base_url = "{sim}/v1"
+models = ["*"]
+max_retries = 0
+
+[local]
+url = "{vllm}"
+
+[economics]
+training_usd_per_hour = 1.0
+"""
+
+
+@dataclass
+class RoutedGateway:
+    """A dev-mode gateway whose data dir holds the trained INTENTS_PATH adapter, with [local] at the vLLM."""
+
+    process: ServerProcess
+    data_dir: Path
+    config: Path
+
+    def set_policy(self, **fields) -> None:
+        """Set the path's policy (as `arbitrage route set` does) and wait until the gateway routes by it
+        (mode taken up and the adapter loaded into vLLM)."""
+        import time
+
+        from arbitrage.config import load_config
+        from gateway.route_table import RouteTable
+
+        table = RouteTable(load_config(self.config, data_dir=str(self.data_dir)))
+        wanted = table.update(INTENTS_PATH, {"adapter": "v1", **fields}, actor="test", reason="test").to_dict()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = self.route_status()
+            if status.get("adapter_loaded") and status.get("policy") == wanted:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"the gateway did not take the policy up: {status}")
+
+    def route_status(self) -> dict:
+        import httpx
+
+        reply = httpx.get(f"{self.process.url}/admin/routes", headers={"Authorization": "Bearer dev"}, timeout=10)
+        entry = reply.json()["routes"].get(INTENTS_PATH, {})
+        return {**entry, **entry.get("status", {})}
+
+    def ask(self, text: str, **kwargs):
+        """One classification request of INTENTS_PATH (raw response: headers and parsed body)."""
+        client = openai.OpenAI(base_url=self.process.url + "/v1", api_key="dev", max_retries=0, timeout=120)
+        return client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", temperature=0, max_tokens=32, extra_headers={"X-Arbitrage-Path": INTENTS_PATH},
+            messages=[{"role": "system", "content": INTENTS_PROMPT}, {"role": "user", "content": text}], **kwargs)
+
+
+def routed_gateway(tmp: Path, sim: ServerProcess, vllm, adapter_data: Path) -> RoutedGateway:
+    """Start a RoutedGateway on a copy of ``adapter_data`` (stop its process when done)."""
+    import shutil
+
+    data_dir = tmp / "data"
+    shutil.copytree(adapter_data, data_dir, ignore=shutil.ignore_patterns("evals"))
+    config = tmp / "arbitrage.toml"
+    config.write_text(ROUTED_CONFIG.format(sim=sim.url, vllm=vllm.base_url))
+    return RoutedGateway(gateway(tmp, data_dir, "--dev", config=config).start(), data_dir, config)

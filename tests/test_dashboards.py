@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from gateway.metrics import Metrics
+from tests.conftest import RoutedGateway, banking77, routed_gateway
 from tests.processes import ServerProcess, free_port
 
 ROOT = Path(__file__).parent.parent
@@ -28,8 +29,10 @@ GRAFANA = ROOT / "grafana"
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "5m", "$__range": "15m"}
 """What Grafana substitutes in the queries, at this test's scale (1 s scrapes, minutes of data)."""
 LOCAL_TRAFFIC = 'sum(arbitrage_requests_total{served_by="local"}) > 0'
-REQUIRE_LOCAL_ROUTE = False
-"""True once the routing work sends local traffic here: then local-route panels must have data too."""
+REQUIRE_LOCAL_ROUTE = True
+"""Local-route panels must have data too: Prometheus also scrapes a routed gateway (the session's vLLM
+serving a real adapter) through which local, shadow, audited and fallen-back traffic flows, and
+whose ramp raises the share twice."""
 
 
 def load_generator():
@@ -95,18 +98,31 @@ scrape_configs:
   - job_name: arbitrage
     static_configs:
       - targets: ["{target}"]
+  - job_name: arbitrage-routed
+    static_configs:
+      - targets: ["{routed}"]
 """
 
 
-@pytest.fixture(scope="session")
-def prometheus(gw, tmp_path_factory):
-    """A real Prometheus on loopback scraping the session's gateway every second."""
+@pytest.fixture(scope="module")
+def routed(sim, vllm, intents_adapter, tmp_path_factory) -> RoutedGateway:
+    running = routed_gateway(tmp_path_factory.mktemp("dashboards-routed"), sim, vllm, intents_adapter)
+    yield running
+    running.process.stop()
+
+
+@pytest.fixture(scope="module")
+def prometheus(gw, routed, tmp_path_factory):
+    """A real Prometheus on loopback scraping the session's gateway and a routed one every second."""
     if not shutil.which("prometheus"):
         pytest.fail("prometheus is not installed: run scripts/install (Debian package 'prometheus')")
     tmp = tmp_path_factory.mktemp("prometheus")
-    config = yaml.safe_load(PROMETHEUS_CONFIG.format(target=gw.process.url.removeprefix("http://")))
+    config = yaml.safe_load(PROMETHEUS_CONFIG.format(target=gw.process.url.removeprefix("http://"),
+                                                     routed=routed.process.url.removeprefix("http://")))
     (tmp / "metrics-key").write_text(gw.metrics_key)  # /metrics takes a scrape-only key, as in deploy/
     config["scrape_configs"][0]["authorization"] = {"credentials_file": str(tmp / "metrics-key")}
+    (tmp / "dev-key").write_text("dev")  # the routed gateway runs in dev mode (any key)
+    config["scrape_configs"][1]["authorization"] = {"credentials_file": str(tmp / "dev-key")}
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     process = ServerProcess(["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
@@ -128,6 +144,26 @@ def send_traffic(gw) -> None:
         client.chat.completions.create(model="error-429:gpt-4o-mini", messages=messages)
 
 
+def send_local_traffic(routed: RoutedGateway) -> None:
+    """Shadow comparisons that raise the share twice (50 %, then 100 %), audited local answers, and
+    fallbacks on an unreachable threshold: every local-route metric gets data."""
+    ramp = {"steps": [50.0, 100.0], "target": 0.4, "floor": 0.1, "min_samples": 3, "window": 50}
+    routed.set_policy(mode="shadow", share=0.0, threshold=0.0, output="json", shadow_rate=1.0, audit_rate=1.0,
+                      comparator={"name": "json"}, ramp=ramp)
+    cards = iter(banking77("card_arrival"))  # the simulator's gold label is what the adapter answers
+    for expected_share in (50.0, 100.0):
+        deadline = time.monotonic() + 120
+        while routed.route_status()["policy"]["share"] < expected_share:
+            assert time.monotonic() < deadline, f"the ramp did not reach {expected_share}%: {routed.route_status()}"
+            routed.ask(next(cards))
+            time.sleep(1.0)  # background comparisons land; scrapes see each step
+    for _ in range(3):
+        assert routed.ask(next(cards)).headers["x-arbitrage-served-by"] == "local"
+    routed.set_policy(mode="local", share=100.0, threshold=1.0, output="json", audit_rate=0.0)
+    for _ in range(2):
+        assert routed.ask(next(cards)).headers.get("x-arbitrage-served-by") is None  # fell back upstream
+
+
 def instant(prometheus: ServerProcess, expr: str) -> dict:
     response = httpx.get(prometheus.url + "/api/v1/query", params={"query": expr}, timeout=10)
     body = response.json()
@@ -141,9 +177,10 @@ def captured_records(gw) -> float:
 
 
 @pytest.fixture(scope="module")
-def scraped(gw, prometheus) -> ServerProcess:
-    """Prometheus after it scraped the gateway a few times since the traffic was sent."""
+def scraped(gw, routed, prometheus) -> ServerProcess:
+    """Prometheus after it scraped the gateways a few times since the traffic was sent."""
     send_traffic(gw)
+    send_local_traffic(routed)
     records = captured_records(gw)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -19,71 +18,31 @@ from pathlib import Path
 import openai
 import pytest
 
-from gateway.route_table import RouteTable
 from arbitrage.config import load_config
-from tests.conftest import CARD_ARRIVAL, INTENTS_PATH, INTENTS_PROMPT, banking77
-from tests.processes import arbitrage, gateway
+from gateway.route_table import RouteTable
+from tests.conftest import (
+    CARD_ARRIVAL,
+    INTENTS_PATH,
+    INTENTS_PROMPT,
+    RoutedGateway,
+    banking77,
+    routed_gateway,
+)
+from tests.processes import arbitrage
 
-CONFIG = """
-[gateway]
-dev = true
-
-[[upstreams]]
-name = "sim"
-base_url = "{sim}/v1"
-models = ["*"]
-max_retries = 0
-
-[local]
-url = "{vllm}"
-"""
 CARDS = banking77("card_arrival")
 OTHERS = banking77(other_than="card_arrival", every=97)
 
 
 @pytest.fixture(scope="module")
-def routed(sim, vllm, intents_adapter, tmp_path_factory):
-    """A gateway whose data dir holds the trained adapter; yields (process, data_dir, config path)."""
-    tmp = tmp_path_factory.mktemp("routed")
-    data_dir = tmp / "data"
-    shutil.copytree(intents_adapter, data_dir, ignore=shutil.ignore_patterns("evals"))
-    config = tmp / "arbitrage.toml"
-    config.write_text(CONFIG.format(sim=sim.url, vllm=vllm.base_url))
-    process = gateway(tmp, data_dir, "--dev", config=config).start()
-    yield process, data_dir, config
-    process.stop()
-
-
-def set_policy(routed, **fields) -> None:
-    """Set the path's policy (as `arbitrage route set` does) and wait until the gateway routes by it."""
-    process, data_dir, config = routed
-    table = RouteTable(load_config(config, data_dir=str(data_dir)))
-    table.update(INTENTS_PATH, {"adapter": "v1", **fields}, actor="test", reason="test")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        status = _admin_status(process)
-        if status.get("adapter_loaded") and status.get("policy", {}).get("mode") == fields.get("mode"):
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"the gateway did not take the policy up: {status}")
-
-
-def _admin_status(process) -> dict:
-    import httpx
-
-    reply = httpx.get(f"{process.url}/admin/routes", headers={"Authorization": "Bearer dev"}, timeout=10)
-    entry = reply.json()["routes"].get(INTENTS_PATH, {})
-    return {**entry, **entry.get("status", {})}
+def routed(sim, vllm, intents_adapter, tmp_path_factory) -> RoutedGateway:
+    running = routed_gateway(tmp_path_factory.mktemp("routed"), sim, vllm, intents_adapter)
+    yield running
+    running.process.stop()
 
 
 def client(process) -> openai.OpenAI:
     return openai.OpenAI(base_url=process.url + "/v1", api_key="dev", max_retries=0, timeout=120)
-
-
-def ask(process, text: str, **kwargs):
-    return client(process).chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", temperature=0, max_tokens=32, extra_headers={"X-Arbitrage-Path": INTENTS_PATH},
-        messages=[{"role": "system", "content": INTENTS_PROMPT}, {"role": "user", "content": text}], **kwargs)
 
 
 def records(data_dir: Path, where: str = "true") -> list[dict]:
@@ -98,9 +57,9 @@ def shadow_rows(data_dir: Path) -> list[dict]:
 
 
 def test_local_mode_serves_every_request_locally_json_and_stream(routed):
-    process, data_dir, _ = routed
-    set_policy(routed, mode="local", share=100, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0)
-    raw = ask(process, OTHERS[0])
+    process, data_dir, ask, set_policy = routed.process, routed.data_dir, routed.ask, routed.set_policy
+    set_policy(mode="local", share=100, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0)
+    raw = ask(OTHERS[0])
     assert raw.headers["x-arbitrage-served-by"] == "local"
     completion = raw.parse()
     assert completion.choices[0].message.content == CARD_ARRIVAL and completion.model == "gpt-4o-mini"
@@ -111,8 +70,8 @@ def test_local_mode_serves_every_request_locally_json_and_stream(routed):
         messages=[{"role": "system", "content": INTENTS_PROMPT}, {"role": "user", "content": OTHERS[1]}]))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == CARD_ARRIVAL
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
-    [first, second] = records(data_dir, "request_id IN ('%s', '%s')" % (raw.headers["x-arbitrage-request-id"],
-                                                                        _last_request_id(data_dir)))
+    ids = (raw.headers["x-arbitrage-request-id"], _last_request_id(data_dir))
+    [first, second] = records(data_dir, f"request_id IN ('{ids[0]}', '{ids[1]}')")
     for record in (first, second):
         assert (record["served_by"], record["adapter"], record["upstream"]) == ("local", f"{INTENTS_PATH}/v1", "local")
         assert record["cost_usd"] == 0.0 and record["counterfactual_cost_usd"] > 0
@@ -132,9 +91,9 @@ def client_metrics(process) -> str:
 
 
 def test_unreachable_threshold_falls_back_upstream_inside_the_same_request(routed):
-    process, data_dir, _ = routed
-    set_policy(routed, mode="local", share=100, threshold=1.0, output="json", audit_rate=0.0, shadow_rate=0.0)
-    raw = ask(process, OTHERS[2])
+    process, data_dir, ask, set_policy = routed.process, routed.data_dir, routed.ask, routed.set_policy
+    set_policy(mode="local", share=100, threshold=1.0, output="json", audit_rate=0.0, shadow_rate=0.0)
+    raw = ask(OTHERS[2])
     assert raw.headers.get("x-arbitrage-served-by") is None
     assert raw.parse().choices[0].message.content != CARD_ARRIVAL, "the simulator's gold label came back"
     [record] = records(data_dir, f"request_id = '{raw.headers['x-arbitrage-request-id']}'")
@@ -144,40 +103,40 @@ def test_unreachable_threshold_falls_back_upstream_inside_the_same_request(route
 
 
 def test_share_zero_and_a_statistical_share(routed):
-    process, data_dir, _ = routed
-    set_policy(routed, mode="canary", share=0.0, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0)
-    ids = [ask(process, t).headers["x-arbitrage-request-id"] for t in OTHERS[3:13]]
+    data_dir, ask, set_policy = routed.data_dir, routed.ask, routed.set_policy
+    set_policy(mode="canary", share=0.0, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0)
+    ids = [ask(t).headers["x-arbitrage-request-id"] for t in OTHERS[3:13]]
     served = {r["request_id"]: r["served_by"] for r in records(data_dir)}
     assert [served[i] for i in ids] == ["upstream"] * 10
-    set_policy(routed, mode="canary", share=50.0, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0)
-    ids = [ask(process, t).headers["x-arbitrage-request-id"] for t in OTHERS[13:53]]
+    set_policy(mode="canary", share=50.0, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0)
+    ids = [ask(t).headers["x-arbitrage-request-id"] for t in OTHERS[13:53]]
     served = {r["request_id"]: r["served_by"] for r in records(data_dir)}
     local = sum(served[i] == "local" for i in ids)
     assert 8 <= local <= 32, f"{local} of 40 served locally at a 50% share (binomial 99.9% band: 8-32)"
 
 
 def test_shadow_mode_compares_in_the_background_and_the_ramp_moves_on_evidence(routed):
-    process, data_dir, _ = routed
+    data_dir, ask, set_policy = routed.data_dir, routed.ask, routed.set_policy
     ramp = {"steps": [50.0, 100.0], "target": 0.4, "floor": 0.35, "min_samples": 3, "window": 50}
-    set_policy(routed, mode="shadow", share=0.0, threshold=0.0, output="json", shadow_rate=1.0, audit_rate=1.0,
+    set_policy(mode="shadow", share=0.0, threshold=0.0, output="json", shadow_rate=1.0, audit_rate=1.0,
                comparator={"name": "json"}, ramp=ramp)
     before = len(shadow_rows(data_dir))
     for text in CARDS[:3]:  # the simulator answers card_arrival: the adapter agrees
-        assert ask(process, text).headers.get("x-arbitrage-served-by") is None, "shadow mode serves upstream"
+        assert ask(text).headers.get("x-arbitrage-served-by") is None, "shadow mode serves upstream"
     rows = _wait_for(lambda: shadow_rows(data_dir)[before:], 3)
     assert [(r["kind"], r["agreed"], r["local_answer"]) for r in rows] == [("shadow", True, CARD_ARRIVAL)] * 3
     policy = _wait_for_policy(data_dir, lambda p: p.mode == "canary")
     assert policy.share == 50.0, "3 of 3 agreeing (Wilson lower bound 0.44 >= 0.4) raised the share one step"
     for text in OTHERS[60:80]:  # now every comparison disagrees: the ramp rolls back to shadow
-        ask(process, text)
-        if RouteTable(load_config(routed[2], data_dir=str(data_dir))).get(INTENTS_PATH).mode == "shadow":
+        ask(text)
+        if RouteTable(load_config(routed.config, data_dir=str(data_dir))).get(INTENTS_PATH).mode == "shadow":
             break
     policy = _wait_for_policy(data_dir, lambda p: p.mode == "shadow")
     assert policy.share == 0.0
     changes = json.loads(arbitrage("sql", "SELECT actor, action, mode_before, mode_after FROM route_changes "
                                    "WHERE actor = 'ramp' ORDER BY ts", "--json", "--data-dir", str(data_dir)).stdout)
     assert [(c["action"], c["mode_after"]) for c in changes] == [("raise", "canary"), ("rollback", "shadow")]
-    calibration = _admin_status(process)["calibration"]
+    calibration = routed.route_status()["calibration"]
     assert calibration["samples"] >= 3 and calibration["target"] == 0.4
     disagreements = [r for r in shadow_rows(data_dir) if r["agreed"] is False]
     assert disagreements and all(r["upstream_answer"] != r["local_answer"] for r in disagreements)
@@ -209,17 +168,17 @@ def test_vllm_killed_under_load_no_client_sees_an_error_and_serving_resumes_afte
     """kill -9 of vLLM mid-load: every request still answered (upstream); vLLM back: the gateway
     loads the adapter again by itself and local serving resumes. (Runs last: it restarts the
     session's vLLM.)"""
-    process, data_dir, _ = routed
-    set_policy(routed, mode="local", share=100, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0)
+    data_dir, ask, set_policy = routed.data_dir, routed.ask, routed.set_policy
+    set_policy(mode="local", share=100, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0)
     stop, errors, answered = threading.Event(), [], []
 
     def load(offset: int) -> None:
         i = offset
         while not stop.is_set():
             try:
-                raw = ask(process, OTHERS[i % len(OTHERS)])
+                raw = ask(OTHERS[i % len(OTHERS)])
                 answered.append((time.monotonic(), raw.headers.get("x-arbitrage-served-by") or "upstream"))
-            except Exception as exc:  # any client-visible failure is what this test looks for
+            except Exception as exc:  # noqa: BLE001 - any client-visible failure is what this test looks for
                 errors.append(exc)
             i += 4
             time.sleep(0.05)
