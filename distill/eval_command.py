@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import click
 
-from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, field_option, friendly_errors
+from arbitrage.cli_options import (
+    CONFIG_OPTION,
+    DATA_DIR_OPTION,
+    field_option,
+    friendly_errors,
+)
 from distill.build_command import command_line
 from distill.evaluation import EvalConfig
 

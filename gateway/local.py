@@ -13,8 +13,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import aiohttp
 import orjson
@@ -94,14 +94,14 @@ class LocalBackend:
         try:
             async with self._session.get(f"{self.root}/health", timeout=aiohttp.ClientTimeout(total=2)) as reply:
                 return reply.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def _served_adapters(self) -> set[str]:
         try:
             async with self._session.get(f"{self.base_url}/models") as reply:
                 models = orjson.loads(await reply.read())["data"]
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError):
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError, TypeError):
             return set()
         return {m["id"] for m in models if m.get("parent")}
 
@@ -113,7 +113,7 @@ class LocalBackend:
                 if reply.status == 200 or "already" in text:
                     return True
                 log.error("loading adapter %s from %s failed: HTTP %s %s", name, folder, reply.status, text[:300])
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.error("loading adapter %s failed: %s", name, exc)
         return False
 
@@ -125,7 +125,7 @@ class LocalBackend:
                 content = await reply.read()
                 if reply.status != 200:
                     raise LocalError("local_error", f"HTTP {reply.status}: {content[:200]!r}")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise LocalError("local_timeout", f"no answer within {timeout_s} s") from None
         except (aiohttp.ClientError, OSError) as exc:
             self.healthy = False  # the next watch round decides again
@@ -148,7 +148,7 @@ class BackgroundWork:
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task] = set()
 
-    def submit(self, path_label: str, work: Callable[[], "asyncio.Future | object"]) -> bool:
+    def submit(self, path_label: str, work: Callable[[], asyncio.Future | object]) -> bool:
         """Schedule ``work()`` (a coroutine function); False (counted) when the queue is full."""
         if len(self._tasks) >= self.max_pending:
             self.metrics.shadow_dropped.labels(path_label, "queue_full").inc()
