@@ -177,12 +177,13 @@ def test_upstream_refusing_connections_gives_a_502_then_success(tmp_path):
     assert tally(gw) == {("gpt-4o-mini", 200, None): 24, ("gpt-4o-mini", 502, "upstream_unreachable"): 16}
 
 
-# 429 storms and 5xx bursts (the session gateway: its "faults" upstream retries twice)
+# 429 storms and 5xx bursts (the session gateway: its "faults" upstream retries twice). Model names
+# carry ":gpt-4o-mini" so that these records are apart from other tests' ("hang", "cutoff", ...).
 
 
 def test_429_storm_is_retried_and_the_client_sees_the_upstream_s_429_only_after(gw):
     retried = metric(gw, "arbitrage_upstream_retries_total", reason="429")
-    storm = post_all(gw, [chat("error-429")] * 24)
+    storm = post_all(gw, [chat("error-429:gpt-4o-mini")] * 24)
     assert [r.status_code for r in storm] == [429] * 24
     assert {openai_error(r)["code"] for r in storm} == {"rate_limit_exceeded"}
     assert {r.headers.get("retry-after") for r in storm} == {"1"}
@@ -204,21 +205,21 @@ def test_5xx_burst_only_the_upstream_s_own_errors_reach_clients(gw):
 
 def test_timeouts_are_504s_while_other_calls_are_answered(gw):
     earlier = tally(gw)
-    mixed = post_all(gw, [chat("hang"), chat("slow"), chat(), chat(stream=True)] * 4, clients=16)
+    mixed = post_all(gw, [chat("hang:gpt-4o-mini"), chat("slow:gpt-4o-mini"), chat(), chat(stream=True)] * 4, clients=16)
     assert [r.status_code for r in mixed] == [504, 504, 200, 200] * 4
     assert {openai_error(r)["code"] for r in mixed if r.status_code == 504} == {"upstream_timeout"}
     assert {r["status_code"] for r in records(gw, ids(mixed[2::4] + mixed[3::4]))} == {200}
-    assert added(earlier, tally(gw)) == {("hang", 504, "upstream_timeout"): 4, ("slow", 504, "upstream_timeout"): 4,
+    assert added(earlier, tally(gw)) == {("hang:gpt-4o-mini", 504, "upstream_timeout"): 4, ("slow:gpt-4o-mini", 504, "upstream_timeout"): 4,
                                          ("gpt-4o-mini", 200, None): 8}
 
 
 def test_streams_cut_off_mid_answer_end_in_an_error_never_a_clean_end(gw):
     earlier = tally(gw)
-    mixed = post_all(gw, [chat("cutoff", stream=True), chat(stream=True), chat("cutoff")] * 6)
+    mixed = post_all(gw, [chat("cutoff:gpt-4o-mini", stream=True), chat(stream=True), chat("cutoff:gpt-4o-mini")] * 6)
     cut, whole, unary = mixed[0::3], mixed[1::3], mixed[2::3]
     assert all(r.status_code == 200 and "data: [DONE]" not in r.text and "stream_cut_off" in r.text for r in cut)
     assert all(r.text.endswith("data: [DONE]\n\n") for r in whole)
     assert {(r.status_code, openai_error(r)["code"]) for r in unary} == {(502, "upstream_broken")}
     assert {(r["status_code"], r["error_type"]) for r in records(gw, ids(cut))} == {(502, "stream_cut_off")}
-    assert added(earlier, tally(gw)) == {("cutoff", 502, "stream_cut_off"): 6, ("cutoff", 502, "upstream_broken"): 6,
+    assert added(earlier, tally(gw)) == {("cutoff:gpt-4o-mini", 502, "stream_cut_off"): 6, ("cutoff:gpt-4o-mini", 502, "upstream_broken"): 6,
                                          ("gpt-4o-mini", 200, None): 6}
