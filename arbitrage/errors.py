@@ -50,6 +50,9 @@ class APIError(ArbitrageError):
     status_code = 500
     error_type = "server_error"
 
+    request_id: str | None = None
+    """The gateway's id of the request that failed, when it was recorded (sent as a header)."""
+
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -125,6 +128,8 @@ class ClientDisconnectedError(APIError):
 class UpstreamError(APIError):
     status_code = 502
     error_type = "upstream_error"
+    attempts = 0
+    """Upstream attempts made before giving up (set where it is known)."""
 
 
 class UpstreamTimeoutError(UpstreamError):

@@ -139,11 +139,11 @@ class KeyStore:
         now = time.monotonic()
         if now - self._checked_at < 1.0:
             return
-        self._checked_at = now
         mtime = self.path.stat().st_mtime if self.path.exists() else None
         if mtime != self._mtime:
             self._by_digest = {e.sha256: e for e in self.entries()}
             self._mtime = mtime
+        self._checked_at = now  # only now: a thread checking meanwhile must not see "fresh" and an empty table
 
     def _locked(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)

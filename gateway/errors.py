@@ -12,6 +12,8 @@ from arbitrage.errors import (APIError, InvalidRequestError, MethodNotAllowedErr
 
 log = logging.getLogger(__name__)
 
+REQUEST_ID_HEADER = "x-arbitrage-request-id"
+
 
 def api_error_response(exc: APIError, headers: dict[str, str] | None = None) -> Response:
     """An ``APIError`` as OpenAI's error body with the error's status."""
@@ -31,7 +33,10 @@ def _from_http_exception(exc: HTTPException) -> APIError:
 
 
 def handle_api_error(_: Request, exc: APIError) -> Response:
-    return api_error_response(exc, exc.headers() if isinstance(exc, RateLimitError) else None)
+    headers = exc.headers() if isinstance(exc, RateLimitError) else {}
+    if exc.request_id:  # the call was recorded: the client can find its record
+        headers = {**headers, REQUEST_ID_HEADER: exc.request_id}
+    return api_error_response(exc, headers or None)
 
 
 def handle_http_exception(_: Request, exc: HTTPException) -> Response:

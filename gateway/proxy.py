@@ -26,13 +26,13 @@ from litestar.response import Stream
 from arbitrage.errors import APIError, ClientDisconnectedError, StoreError, UpstreamError, UpstreamTimeoutError
 from arbitrage.pricing import PriceBook
 from arbitrage.capture.store import CaptureStore
+from gateway.errors import REQUEST_ID_HEADER
 from gateway.metrics import Metrics
 from gateway.sse import DONE, EventSplitter, error_event, event_data
 from gateway.upstream import RELAYED_RESPONSE_HEADERS, TRANSPORT_ERRORS, Upstream, UpstreamReply
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "x-arbitrage-request-id"
 SERVED_BY_UPSTREAM = "upstream"
 ROUTE_NO_LOCAL = "no_local_route"
 
@@ -141,7 +141,8 @@ class Proxy:
             self.record(call, upstream, Outcome(499, error_type="client_disconnected"))
             raise ClientDisconnectedError("The client closed the connection before the answer.") from None
         except UpstreamError as exc:
-            self.record(call, upstream, Outcome(exc.status_code, error_type=exc.code))
+            self.record(call, upstream, Outcome(exc.status_code, error_type=exc.code, attempts=exc.attempts))
+            exc.request_id = call.request_id
             raise
         finally:
             if watch:
@@ -155,6 +156,7 @@ class Proxy:
             error = UpstreamError(f"upstream {upstream.name!r} broke off its answer ({type(exc).__name__})",
                                   code="upstream_broken")
         self.record(call, upstream, Outcome(error.status_code, error_type=error.code, attempts=attempts))
+        error.request_id = call.request_id
         return error
 
     async def _relay(self, call: Call, upstream: Upstream, reply: UpstreamReply,

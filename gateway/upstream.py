@@ -107,20 +107,24 @@ class Upstream:
 
     async def send(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> UpstreamReply:
         """Send with retries; the reply's body is still to be read or streamed."""
+        tries = [1]
         try:
             try:
                 return await self._attempt(method, path, body, headers, 1)
             except (_RetryableStatus, *_RETRYABLE_ERRORS) as first:
-                return await self._retry(first, method, path, body, headers)
+                return await self._retry(first, method, path, body, headers, tries)
         except asyncio.TimeoutError as exc:
-            raise UpstreamTimeoutError(f"upstream {self.name!r} did not answer in time",
-                                       code="upstream_timeout") from exc
+            error = UpstreamTimeoutError(f"upstream {self.name!r} did not answer in time", code="upstream_timeout")
+            error.attempts = tries[0]
+            raise error from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"upstream {self.name!r} is unreachable ({type(exc).__name__})",
-                                code="upstream_unreachable") from exc
+            error = UpstreamError(f"upstream {self.name!r} is unreachable ({type(exc).__name__})",
+                                  code="upstream_unreachable")
+            error.attempts = tries[0]
+            raise error from exc
 
     async def _retry(self, first: Exception, method: str, path: str, body: bytes | None,
-                     headers: dict[str, str]) -> UpstreamReply:
+                     headers: dict[str, str], tries: list[int]) -> UpstreamReply:
         """The slow path, entered only after a failed first attempt (the retry machinery costs
         about 7% of a request's CPU, so the common case stays out of it)."""
         async for attempt in stamina.retry_context(
@@ -128,6 +132,7 @@ class Upstream:
             wait_initial=0.2, wait_max=self.settings.retry_max_wait_s, wait_jitter=0.5,
         ):
             with attempt:
+                tries[0] = attempt.num
                 if attempt.num == 1:
                     raise first  # already happened: stamina decides on it and waits as usual
                 return await self._attempt(method, path, body, headers, attempt.num)

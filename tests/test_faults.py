@@ -57,8 +57,7 @@ def ids(responses: list[httpx.Response]) -> list[str]:
 
 
 def tally(gw: Gateway) -> dict[tuple, int]:
-    """Recorded calls by (model, status, error type): the gateway's own 502 and 504 answers carry
-    no request id header, so their records are counted rather than looked up."""
+    """Recorded calls by (model, status, error type)."""
     rows = gw.rows("SELECT model, status_code, error_type, count(*) AS n FROM calls GROUP BY ALL")
     return {(r["model"], r["status_code"], r["error_type"]): r["n"] for r in rows}
 
@@ -174,6 +173,8 @@ def test_upstream_refusing_connections_gives_a_502_then_success(tmp_path):
     assert [r.status_code for r in down] == [502] * 16
     assert {openai_error(r)["code"] for r in down} == {"upstream_unreachable"}
     assert {r["status_code"] for r in records(gw, ids(before + after))} == {200}
+    failed = records(gw, [r.headers["x-arbitrage-request-id"] for r in down])  # the 502 names its record
+    assert len(failed) == 16 and {(r["status_code"], r["upstream_attempts"]) for r in failed} == {(502, 3)}
     assert tally(gw) == {("gpt-4o-mini", 200, None): 24, ("gpt-4o-mini", 502, "upstream_unreachable"): 16}
 
 
