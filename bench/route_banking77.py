@@ -227,11 +227,14 @@ def main(argv: list[str]) -> int:
 
 
 def money(results: dict) -> dict:
-    """Dollars per 10,000 requests at the eval's operating coverage and at the measured local share."""
+    """Dollars per 10,000 requests at the eval's operating coverage and at the measured local share
+    (tokens per request from the upstream-answered records: a local record counts the short prompt)."""
     records = results["operating"]["records"]
     n = sum(r["n"] for r in records.values())
-    prompt = sum(r["prompt_tokens"] * r["n"] for r in records.values() if r["prompt_tokens"]) / n
-    completion = sum((r["completion_tokens"] or 0) * r["n"] for r in records.values()) / n
+    upstream = [r for name, r in records.items() if name != "local"]
+    upstream_n = sum(r["n"] for r in upstream)
+    prompt = sum((r["prompt_tokens"] or 0) * r["n"] for r in upstream) / upstream_n
+    completion = sum((r["completion_tokens"] or 0) * r["n"] for r in upstream) / upstream_n
     paid = sum(r["paid"] or 0 for r in records.values())
     counterfactual = sum(r["counterfactual"] or 0 for r in records.values())
     measured_share = records.get("local", {}).get("n", 0) / n
