@@ -51,7 +51,8 @@ def up(config_path, data_dir) -> None:
     base = resolve_base(config.local.base, default_models_dir())
     server = LocalServer(config.local, base.location, state_dir(config))
     click.echo(f"starting vLLM with {base.name} on {server.base_url} (log {server.log_path})", err=True)
-    pid = server.start(wait=True, progress=_every(PROGRESS_EVERY_S, lambda m: click.echo(m, err=True)))
+    pid = server.start(wait=True, detached=True,
+                       progress=_every(PROGRESS_EVERY_S, lambda m: click.echo(m, err=True)))
     click.echo(f"vLLM is up (pid {pid}); `arbitrage local down` stops it", err=True)
     load_adapters(config, server.base_url)
 

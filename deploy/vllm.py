@@ -31,6 +31,7 @@ import httpx
 
 from arbitrage.config import LocalSettings
 from arbitrage.errors import ConfigError, UpstreamError
+from arbitrage.server_process import die_with_parent
 
 PYTHON_ENV = "ARBITRAGE_VLLM_PYTHON"
 PID_FILE = "vllm.pid"
@@ -97,9 +98,11 @@ class LocalServer:
         return {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
                 "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
 
-    def start(self, *, wait: bool = True, progress: Callable[[str], None] | None = None) -> int:
+    def start(self, *, wait: bool = True, progress: Callable[[str], None] | None = None,
+              detached: bool = False) -> int:
         """Start the server (its own process group, output to the log file); with ``wait``,
-        return once it answers its health check. Raises ConfigError if it exits or times out."""
+        return once it answers its health check. Raises ConfigError if it exits or times out.
+        Unless ``detached`` (``arbitrage local up``), it gets SIGTERM when this process dies."""
         running = self.running_pid()
         if running:
             raise ConfigError(f"a local model server is already running (pid {running}, log {self.log_path}); "
@@ -112,7 +115,8 @@ class LocalServer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            preexec_fn=None if detached else die_with_parent)  # noqa: PLW1509
         _write_atomically(self.state_dir / PID_FILE, f"{self.process.pid}\n")
         if wait:
             try:

@@ -169,7 +169,8 @@ def test_vllm_killed_under_load_no_client_sees_an_error_and_serving_resumes_afte
     loads the adapter again by itself and local serving resumes. (Runs last: it restarts the
     session's vLLM.)"""
     data_dir, ask, set_policy = routed.data_dir, routed.ask, routed.set_policy
-    set_policy(mode="local", share=100, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0)
+    set_policy(mode="local", share=100, threshold=0.0, output="json", audit_rate=0.0, shadow_rate=0.0,
+               local_timeout_s=120.0)  # a busy machine must not turn the first local answers into timeouts
     stop, errors, answered = threading.Event(), [], []
 
     def load(offset: int) -> None:
