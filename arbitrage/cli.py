@@ -185,18 +185,25 @@ def sql(query, config_path, data_dir, as_json, max_rows) -> None:
     """Run a DuckDB QUERY over the capture views (e.g. calls) and print the result."""
     import duckdb
 
-    from arbitrage.capture.store import connect
+    from arbitrage.capture.store import connect, retrying
 
     con = connect(load_config(config_path, data_dir=data_dir).data_dir)
-    try:
+
+    def run():
         relation = con.sql(query)
         if relation is None:
+            return None
+        return relation.columns, relation.fetchall()
+
+    try:
+        result = retrying(run)
+        if result is None:
             return
+        columns, rows = result
         if as_json:
-            rows = [dict(zip(relation.columns, row)) for row in relation.fetchall()]
-            click.echo(json.dumps(rows, default=str, indent=2))
+            click.echo(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=2))
         else:
-            relation.show(max_rows=max_rows, max_width=max(120, _terminal_width()))
+            con.sql(query).show(max_rows=max_rows, max_width=max(120, _terminal_width()))
     except duckdb.Error as exc:
         raise click.ClickException(f"query failed: {exc}") from None
 

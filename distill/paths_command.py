@@ -37,13 +37,13 @@ class Since(click.ParamType):
 @friendly_errors
 def paths(since, config_path, data_dir, as_json, limit) -> None:
     """Call paths ranked by spend since a time, with a distillability verdict for each."""
-    from arbitrage.capture.store import connect
+    from arbitrage.capture.store import connect, retrying
     from distill.analytics import path_stats, total_calls
 
     store = load_config(config_path, data_dir=data_dir).data_dir
     con = connect(store)
-    stats = path_stats(con, since, limit)
-    total = 0 if stats else total_calls(con)
+    stats = retrying(lambda: path_stats(con, since, limit))
+    total = 0 if stats else retrying(lambda: total_calls(con))
     if as_json:
         body = {"since": since.isoformat(), "paths": [dataclasses.asdict(s) for s in stats]}
         click.echo(json.dumps(body, indent=2, default=datetime.isoformat))

@@ -38,12 +38,12 @@ def roi(since, config_path, data_dir, training_usd_per_hour, serving_usd_per_hou
         as_json, chart) -> None:
     """One-time distillation cost, monthly spend before and now, savings, breakeven and 12-month
     return, per call path and in total, from the captured calls and the dataset and adapter manifests."""
-    from arbitrage.capture.store import connect
+    from arbitrage.capture.store import connect, retrying
     from distill.roi import build_report
 
     config = load_config(config_path, data_dir=data_dir)
     settings = economics(config.economics, training_usd_per_hour, serving_usd_per_hour, serving_usd_per_mtok)
-    report = build_report(connect(config.data_dir), config.data_dir, settings, since)
+    report = retrying(lambda: build_report(connect(config.data_dir), config.data_dir, settings, since))
     if chart:
         write_chart(report, chart)
     click.echo(json.dumps(report_json(report), indent=2) if as_json else render(report))

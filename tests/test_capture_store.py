@@ -344,3 +344,25 @@ async def test_background_compaction_runs_in_a_child_process(tmp_path):
     task.cancel()
     store.close()
     assert sum(p.records for p in passes) == 2 and len(files(tmp_path, "*.parquet")) == 2
+
+
+def test_a_query_is_retried_when_a_segment_vanishes_between_glob_and_read_and_other_errors_are_not():
+    """A journal segment compacted and removed while DuckDB expands the view's glob fails that one
+    query with "No such file"; its records are in Parquet by then, so running it again is right."""
+    import duckdb
+
+    from arbitrage.capture.store import retrying
+
+    tries = []
+
+    def vanishing():
+        tries.append(1)
+        if len(tries) < 3:
+            raise duckdb.IOException('IO Error: Cannot open file "calls/journal/x.jsonl": No such file or directory')
+        return [("row",)]
+
+    assert retrying(vanishing) == [("row",)] and len(tries) == 3
+    with pytest.raises(duckdb.IOException, match="Permission denied"):
+        retrying(lambda: (_ for _ in ()).throw(duckdb.IOException("IO Error: Permission denied")))
+    with pytest.raises(duckdb.IOException, match="No such file"):
+        retrying(lambda: (_ for _ in ()).throw(duckdb.IOException("No such file or directory")), attempts=2)

@@ -25,8 +25,10 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -39,6 +41,8 @@ from arbitrage.capture.location import (LocalParquet, ParquetLocation, S3Parquet
                                         recorded_location)
 from arbitrage.config import CaptureSettings
 from arbitrage.errors import StoreError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +210,20 @@ def connect(data_dir: Path, known: tuple[migrations.Migration, ...] = migrations
     for table in migrations.tables(known):
         _create_view(con, data_dir / table, location.glob(table), table, migrations.table_schema(table, known))
     return con
+
+
+def retrying(run: Callable[[], T], attempts: int = 4) -> T:
+    """Run a query over the views, again if a journal segment vanished between DuckDB's glob and
+    its read (compacted and removed meanwhile; its records are in Parquet by then, and the next
+    evaluation of the view no longer lists it). Any other error is raised at once."""
+    for attempt in range(attempts):
+        try:
+            return run()
+        except duckdb.IOException as exc:
+            if "No such file" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _create_view(con: duckdb.DuckDBPyConnection, table_dir: Path, parquet_glob: str, name: str,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from arbitrage.capture.store import connect
+from arbitrage.capture.store import connect, retrying
 from arbitrage.errors import ConfigError
 
 SYSTEM_ROLES = ("system", "developer")
@@ -64,9 +64,10 @@ def read_captured(data_dir: Path, path: str) -> CapturedSet:
     """Every usable captured example of ``path``, oldest first; a clear error when there is none."""
     con = connect(data_dir)
     try:
-        rows = con.execute(_QUERY, [path]).fetchall()
+        rows = retrying(lambda: con.execute(_QUERY, [path]).fetchall())
         if not rows:
-            raise ConfigError(f"no captured chat completions for path {path!r} in {data_dir}{_known_paths(con)}")
+            known = retrying(lambda: _known_paths(con))
+            raise ConfigError(f"no captured chat completions for path {path!r} in {data_dir}{known}")
     finally:
         con.close()
     examples = [ex for ex in (to_example(*row) for row in rows) if ex is not None]
