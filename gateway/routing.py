@@ -79,8 +79,8 @@ class Router:
         self._ramps: dict[str, RampController] = {}
         self._costs: dict[tuple[str, str], deque[float]] = {}
         self._prompts: dict[str, dict | None] = {}
-        self._checks: dict[int, Any] = {}
-        self._comparators: dict[int, Any] = {}
+        self._checks: dict[str, Any] = {}
+        self._comparators: dict[str, Any] = {}
         self.ask_upstream = None
         """Set by the gateway: ``async (model, body: dict) -> (response dict, cost)`` for audits and the judge."""
 
@@ -138,7 +138,7 @@ class Router:
         confidence = score(choice_logprobs(response), policy.confidence)
         if choice.get("finish_reason") == "length":
             return LocalAnswer(response, text, confidence, latency, False, "local_truncated")
-        verdict = self._check(policy).check(text)
+        verdict = self._check(path, policy).check(text)
         if not verdict.ok:
             return LocalAnswer(response, text, confidence, latency, False, "invalid_output")
         if confidence < policy.threshold:
@@ -169,16 +169,18 @@ class Router:
                 self._prompts[name] = None
         return self._prompts[name]
 
-    def _check(self, policy: RoutePolicy):
-        check = self._checks.get(id(policy))
+    def _check(self, path: str, policy: RoutePolicy):
+        """The policy's output check, built once per policy (one entry per path)."""
+        check = self._checks.get(path)
         if check is None or check[0] is not policy:
-            check = self._checks[id(policy)] = (policy, policy.output_check())
+            check = self._checks[path] = (policy, policy.output_check())
         return check[1]
 
-    def _comparator(self, policy: RoutePolicy):
-        entry = self._comparators.get(id(policy))
+    def _comparator(self, path: str, policy: RoutePolicy):
+        """The policy's comparator, built once per policy (one entry per path)."""
+        entry = self._comparators.get(path)
         if entry is None or entry[0] is not policy:
-            entry = self._comparators[id(policy)] = (policy, make_comparator(policy.comparator, ask=self._judge(policy)))
+            entry = self._comparators[path] = (policy, make_comparator(policy.comparator, ask=self._judge(policy)))
         return entry[1]
 
     def _judge(self, policy: RoutePolicy):
@@ -263,7 +265,7 @@ class Router:
     async def _compare(self, path: str, policy: RoutePolicy, request_id: str, kind: str, upstream_text: str,
                        local_text: str, confidence: float, cost: float | None, latency_ms: float, *,
                        counts: bool) -> None:
-        comparison: Comparison = await self._comparator(policy).acompare(upstream_text, local_text)
+        comparison: Comparison = await self._comparator(path, policy).acompare(upstream_text, local_text)
         agreed = comparison.agreed if comparison.comparable else None
         self._write_shadow(path, policy, request_id, kind, upstream_text, local_text, confidence, agreed, cost,
                            latency_ms, None if comparison.comparable else comparison.detail)
