@@ -36,7 +36,7 @@ from arbitrage.config import Config
 from arbitrage.documented_fields import DocumentedFields
 from arbitrage.errors import ConfigError
 from distill.dataset.config import check_path_name
-from distill.versions import MANIFEST, publish, versions
+from distill.versions import MANIFEST, choose, publish, versions
 from router import calibration
 from router.comparators import make_comparator
 from router.confidence import score
@@ -133,9 +133,7 @@ def find_adapter(adapters_root: Path, path: str, wanted: str | None) -> Adapter:
     if not found:
         raise ConfigError(f"no adapter for path {path!r} in {adapters_root}: train one with "
                           f"`arbitrage distill train {path}`")
-    chosen = wanted or f"v{found[-1]}"
-    if int(chosen[1:]) not in found:
-        raise ConfigError(f"path {path!r} has no adapter {chosen} (versions: {', '.join(f'v{n}' for n in found)})")
+    chosen = choose(found, wanted, "adapter", path)
     folder = adapters_root / path / chosen
     try:
         manifest = json.loads((folder / MANIFEST).read_text())

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from arbitrage.errors import ConfigError
+
 MANIFEST = "manifest.json"
 _VERSION = re.compile(r"v(\d+)")
 
@@ -22,6 +24,14 @@ def versions(root: Path) -> list[int]:
     """Existing version numbers under ``root``, ascending."""
     found = (_VERSION.fullmatch(p.name) for p in root.iterdir()) if root.is_dir() else ()
     return sorted(int(m[1]) for m in found if m)
+
+
+def choose(found: list[int], wanted: str | None, what: str, path: str) -> str:
+    """``wanted`` (vN) when it is among ``found``, else the latest; ConfigError naming those there are."""
+    chosen = wanted or f"v{found[-1]}"
+    if int(chosen[1:]) not in found:
+        raise ConfigError(f"path {path!r} has no {what} {chosen} (versions: {', '.join(f'v{n}' for n in found)})")
+    return chosen
 
 
 def publish(folder: Path, root: Path, manifest: dict[str, Any], number: int | None = None) -> tuple[Path, dict]:

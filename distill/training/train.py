@@ -40,7 +40,7 @@ from arbitrage.errors import ConfigError
 from distill.base import BaseModel, default_models_dir, resolve_base
 from distill.training.config import TrainConfig
 from distill.training.data import IGNORE_INDEX, ChatEncoder, EncodedSplit, encode_split, read_split
-from distill.versions import MANIFEST, versions, write_json
+from distill.versions import MANIFEST, choose, versions, write_json
 from distill.versions import publish as publish_version
 
 CONFIG_FILE = "train_config.json"
@@ -117,9 +117,7 @@ def find_dataset(datasets_root: Path, path: str, wanted: str | None) -> DatasetR
         hint = f" (paths with datasets: {', '.join(known)})" if known else ""
         raise ConfigError(f"no dataset for path {path!r} in {datasets_root}{hint}: "
                           f"build one with `arbitrage distill build {path}`")
-    chosen = wanted or f"v{found[-1]}"
-    if int(chosen[1:]) not in found:
-        raise ConfigError(f"path {path!r} has no dataset {chosen} (versions: {', '.join(f'v{n}' for n in found)})")
+    chosen = choose(found, wanted, "dataset", path)
     folder = datasets_root / path / chosen
     return DatasetRef(path, chosen, folder, _sha256(folder / MANIFEST))
 
