@@ -220,6 +220,11 @@ class LocalSettings(_Section):
     """Adapters in one batch (vLLM's --max-loras)."""
     kv_cache_gib: int = 1
     """KV cache of the CPU build (VLLM_CPU_KVCACHE_SPACE), in GiB."""
+    preload: bool = True
+    """Without a GPU: preload Intel OpenMP and tcmalloc into vLLM where found, as its CPU build asks."""
+    reserved_cpus: int | None = None
+    """Without a GPU: cores vLLM keeps for its API server (VLLM_CPU_NUM_OF_RESERVED_CPU) [0 on machines of
+    up to 4 cores, else vLLM's default]."""
     extra_args: list[str] = msgspec.field(default_factory=list)
     """More vLLM server arguments, as given."""
     startup_timeout_s: float = 600.0
@@ -234,6 +239,8 @@ class LocalSettings(_Section):
             raise ValueError(f"local.port must be 1-65535, got {self.port}")
         if min(self.max_model_len, self.max_lora_rank, self.max_loras, self.kv_cache_gib) < 1:
             raise ValueError("local: max_model_len, max_lora_rank, max_loras and kv_cache_gib must be at least 1")
+        if self.reserved_cpus is not None and self.reserved_cpus < 0:
+            raise ValueError(f"local.reserved_cpus must be 0 or more, got {self.reserved_cpus}")
 
     @property
     def base_url(self) -> str:

