@@ -518,7 +518,11 @@ def parse(argv: list[str]):
     p.add_argument("--train-minutes", type=float, help="stop training after this long and use its last checkpoint")
     p.add_argument("--train-eval-examples", type=int, default=200, help="eval-loss examples at the end of training")
     p.add_argument("--run-dir", type=Path, help="[bench/.work/distill/<UTC time>]")
+    p.add_argument("--resume", action="store_true",
+                   help="with --run-dir: run only the stages its results.json does not have (same options)")
     args = p.parse_args(argv)
+    if args.resume and not args.run_dir:
+        p.error("--resume needs --run-dir")
     args.save_steps = args.save_steps or (10 if args.train_minutes else 200)
     if args.quick:
         args.train_texts = args.train_texts or 300
@@ -546,12 +550,20 @@ def main(argv: list[str]) -> int:
     results = {"command": shlex.join([".venv/bin/python", "bench/distill_banking77.py", *argv]), "run_dir": str(run),
                "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "stages": {},
                "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    if args.resume:
+        if not (run / "results.json").exists():
+            progress(f"--resume: no results.json in {run}")
+            return 2
+        results = {**json.loads((run / "results.json").read_text()), "resumed": results}
     cleanup = Cleanup()
-    loads = []
+    loads = list(results.get("load_during", []))
     try:
         for name, stage in (("capture", lambda: capture(run, args, cleanup)), ("build", lambda: build(run, log)),
                             ("train", lambda: train(run, results["build"]["dataset"], args, log)),
                             ("eval", lambda: evaluate(run, results["train"], args, log, cleanup))):
+            if name in results["stages"]:
+                progress(f"{name}: done before ({results['stages'][name] / 60:.1f} min)")
+                continue
             progress(f"{name}...")
             started = time.perf_counter()
             results[name] = stage()
