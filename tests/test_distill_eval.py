@@ -57,13 +57,20 @@ def test_eval_measures_agreement_confidence_and_the_curve(trained, vllm):
     assert vllm.base_url and f"{PATH}/v1" in _served(vllm)
 
 
-def test_a_second_eval_is_a_new_version_and_the_adapter_stays_loaded(trained, vllm):
-    result = run_eval(trained, "--vllm-url", vllm.base_url, "--max-examples", "2", "--comparator", "exact")
-    assert result.exit_code == 0, result.output
-    folder = Path(result.stdout.strip().splitlines()[-1])
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert (folder.name, manifest["examples"], manifest["agreement"]) == ("v2", 2, 1.0)
+def test_a_second_eval_is_a_new_version_and_the_adapter_stays_loaded(intents_adapter, vllm, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(intents_adapter, data_dir)
+    folders = []
+    for _ in range(2):
+        result = run_eval(data_dir, "--vllm-url", vllm.base_url, "--max-examples", "2", "--comparator", "exact")
+        assert result.exit_code == 0, result.output
+        folders.append(Path(result.stdout.strip().splitlines()[-1]))
+    assert [f.name for f in folders] == ["v1", "v2"]
+    manifest = json.loads((folders[1] / "manifest.json").read_text())
+    assert (manifest["examples"], manifest["agreement"]) == (2, 1.0)
     assert manifest["at_target"] is None or manifest["at_target"]["agreement"] >= 0.99
+    assert json.loads((folders[0] / "manifest.json").read_text())["examples"] == 2, "the first eval is kept"
+    assert f"{PATH}/v1" in _served(vllm)
 
 
 def _served(vllm) -> list[str]:
