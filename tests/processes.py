@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 
 from arbitrage.server_process import ARBITRAGE, ServerProcess, free_port
 
-__all__ = ["ARBITRAGE", "ServerProcess", "arbitrage", "free_port", "gateway", "simulator"]
+__all__ = ["ARBITRAGE", "ServerProcess", "arbitrage", "ctrl_c_works", "free_port", "gateway", "simulator"]
+
+
+def ctrl_c_works() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT, as Ctrl-C would: Python raises
+    KeyboardInterrupt on SIGINT only if SIGINT is not ignored when it starts, and a shell without
+    job control starts background commands (a CI run under ``... &``) with SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def simulator(tmp: Path, *extra: str) -> ServerProcess:

@@ -20,7 +20,7 @@ import pytest
 
 from arbitrage.demo import QUICK, load_texts, new_run_dir
 from distill.base import CACHE_ENV
-from tests.processes import ARBITRAGE
+from tests.processes import ARBITRAGE, ctrl_c_works
 
 END_TO_END_TIMEOUT_S = 20 * 60
 """The quick run takes under 10 minutes on an idle 2-core machine; CI machines are shared."""
@@ -72,12 +72,18 @@ def test_capture_and_paths_then_every_server_is_stopped(tmp_path):
 
 def test_ctrl_c_stops_every_process_the_demo_started(tmp_path):
     process = subprocess.Popen(ARBITRAGE + ["demo", "--quick", "--data-dir", str(tmp_path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    servers = wait_for_servers(tmp_path, ("sim", "gateway"), timeout=60)
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.2)
-    process.send_signal(signal.SIGINT)  # an impatient second Ctrl-C does not cut the clean-up short
-    _, stderr = process.communicate(timeout=60)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ctrl_c_works)  # noqa: PLW1509
+    try:
+        servers = wait_for_servers(tmp_path, ("sim", "gateway"), timeout=60)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGINT)  # an impatient second Ctrl-C does not cut the clean-up short
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # the test failed: stop the demo (SIGTERM cleans up too) before leaving
+            process.terminate()
+            process.communicate(timeout=60)
     assert process.returncode == 130 and "interrupted" in stderr
     assert not any(answers(s["url"]) for s in servers.values())
     assert not any(alive(s["pid"]) for s in servers.values())

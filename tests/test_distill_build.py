@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from arbitrage.capture.store import CaptureStore
 from distill.build_command import distill
-from tests.processes import simulator
+from tests.processes import ctrl_c_works, simulator
 
 PATH = "build-test"
 APP_PROMPT = "Classify the customer's message into one banking intent. Answer in JSON."
@@ -250,7 +250,8 @@ def build_process(captured: Path, sim_url: str, teacher_files, tmp_path: Path) -
 
 
 def interrupt_after_answers(args: list[str], cache: Path, answers: int) -> subprocess.CompletedProcess:
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=ctrl_c_works)  # noqa: PLW1509
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not (cache.exists() and cache.read_text().count("\n") >= answers):
         time.sleep(0.02)
