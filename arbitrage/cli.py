@@ -189,21 +189,19 @@ def sql(query, config_path, data_dir, as_json, max_rows) -> None:
 
     con = connect(load_config(config_path, data_dir=data_dir).data_dir)
 
-    def run():
+    def run() -> None:
+        """Run the query once and print it (a retry runs it again only if it failed before printing)."""
         relation = con.sql(query)
         if relation is None:
-            return None
-        return relation.columns, relation.fetchall()
+            return
+        if as_json:
+            rows = [dict(zip(relation.columns, row)) for row in relation.fetchall()]
+            click.echo(json.dumps(rows, default=str, indent=2))
+        else:
+            relation.show(max_rows=max_rows, max_width=max(120, _terminal_width()))
 
     try:
-        result = retrying(run)
-        if result is None:
-            return
-        columns, rows = result
-        if as_json:
-            click.echo(json.dumps([dict(zip(columns, row)) for row in rows], default=str, indent=2))
-        else:
-            con.sql(query).show(max_rows=max_rows, max_width=max(120, _terminal_width()))
+        retrying(run)
     except duckdb.Error as exc:
         raise click.ClickException(f"query failed: {exc}") from None
 
