@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import duckdb
 import pyarrow as pa
+import stamina
 
 from arbitrage.capture import migrations
 from arbitrage.capture.compactor import CompactionResult, compact
@@ -216,14 +217,15 @@ def retrying(run: Callable[[], T], attempts: int = 4) -> T:
     """Run a query over the views, again if a journal segment vanished between DuckDB's glob and
     its read (compacted and removed meanwhile; its records are in Parquet by then, and the next
     evaluation of the view no longer lists it). Any other error is raised at once."""
-    for attempt in range(attempts):
-        try:
+    for attempt in stamina.retry_context(on=_segment_vanished, attempts=attempts, timeout=None,
+                                         wait_initial=0.05, wait_max=0.2, wait_jitter=0.0):
+        with attempt:
             return run()
-        except duckdb.IOException as exc:
-            if "No such file" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(0.05 * (attempt + 1))
-    raise AssertionError("unreachable")  # pragma: no cover
+    raise AssertionError("unreachable")  # pragma: no cover - the last failed attempt raises
+
+
+def _segment_vanished(exc: Exception) -> bool:
+    return isinstance(exc, duckdb.IOException) and "No such file" in str(exc)
 
 
 def _create_view(con: duckdb.DuckDBPyConnection, table_dir: Path, parquet_glob: str, name: str,
