@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -43,7 +44,8 @@ def roi(since, config_path, data_dir, training_usd_per_hour, serving_usd_per_hou
 
     config = load_config(config_path, data_dir=data_dir)
     settings = economics(config.economics, training_usd_per_hour, serving_usd_per_hour, serving_usd_per_mtok)
-    report = retrying(lambda: build_report(connect(config.data_dir), config.data_dir, settings, since))
+    with contextlib.closing(connect(config.data_dir)) as con:  # one connection: a retry re-reads the views
+        report = retrying(lambda: build_report(con, config.data_dir, settings, since))
     if chart:
         write_chart(report, chart)
     click.echo(json.dumps(report_json(report), indent=2) if as_json else render(report))
