@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -79,8 +80,8 @@ class Router:
         self._ramps: dict[str, RampController] = {}
         self._costs: dict[tuple[str, str], deque[float]] = {}
         self._prompts: dict[str, dict | None] = {}
-        self._checks: dict[str, Any] = {}
-        self._comparators: dict[str, Any] = {}
+        self._checks: dict[str, tuple[RoutePolicy, Any]] = {}
+        self._comparators: dict[str, tuple[RoutePolicy, Any]] = {}
         self.ask_upstream = None
         """Set by the gateway: ``async (model, body: dict) -> (response dict, cost)`` for audits and the judge."""
 
@@ -170,18 +171,13 @@ class Router:
         return self._prompts[name]
 
     def _check(self, path: str, policy: RoutePolicy):
-        """The policy's output check, built once per policy (one entry per path)."""
-        check = self._checks.get(path)
-        if check is None or check[0] is not policy:
-            check = self._checks[path] = (policy, policy.output_check())
-        return check[1]
+        """The policy's output check."""
+        return _per_policy(self._checks, path, policy, policy.output_check)
 
     def _comparator(self, path: str, policy: RoutePolicy):
-        """The policy's comparator, built once per policy (one entry per path)."""
-        entry = self._comparators.get(path)
-        if entry is None or entry[0] is not policy:
-            entry = self._comparators[path] = (policy, make_comparator(policy.comparator, ask=self._judge(policy)))
-        return entry[1]
+        """The policy's comparator."""
+        return _per_policy(self._comparators, path, policy,
+                           lambda: make_comparator(policy.comparator, ask=self._judge(policy)))
 
     def _judge(self, policy: RoutePolicy):
         if policy.comparator.name != "judge":
@@ -390,3 +386,12 @@ async def upstream_json(upstream: Upstream, prices: PriceBook, body: dict) -> tu
                         (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
                         usage.get("completion_tokens") or 0, upstream.settings.provider, upstream.base_url)
     return response, cost
+
+
+def _per_policy(cache: dict[str, tuple[RoutePolicy, Any]], path: str, policy: RoutePolicy, build: Callable[[], Any]):
+    """``build()``, made once per policy: one entry per path, built again when the path's policy
+    object changes (a ramp step or an edit makes a new one)."""
+    entry = cache.get(path)
+    if entry is None or entry[0] is not policy:
+        entry = cache[path] = (policy, build())
+    return entry[1]
