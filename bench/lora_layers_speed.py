@@ -8,7 +8,9 @@ short system prompt, label-only JSON answer, loss on the answer, output head on 
 only) with AdamW, rank 16 on every linear layer of the chosen layers; three rounds, alternating
 settings, and the median of rounds 2-3 (round 1 warms up). A setting's name holds its options:
 "amp" (bf16 autocast), "bf16w" (frozen weights stored in bf16), "top15"/"top10" (LoRA on the upper
-layers only, so the backward pass stops there). Prints training tokens/s (non-padding).
+layers only, so the backward pass stops there); any other name ("fp32") is the plain setting.
+Prints training tokens/s (non-padding). On 2026-12-03's AVX2-only AMD EPYC, "amp" and "bf16w" did
+not finish their rounds in 10 minutes (bf16 matmuls run 6x slower than fp32 there): not measured.
 Results: bench/RESULTS-distill.md ("Training speed on an AVX2-only CPU").
 """
 import csv, json, os, random, sys, time, statistics
