@@ -13,26 +13,32 @@ Prints training tokens/s (non-padding). On 2026-12-03's AVX2-only AMD EPYC, "amp
 not finish their rounds in 10 minutes (bf16 matmuls run 6x slower than fp32 there): not measured.
 Results: bench/RESULTS-distill.md ("Training speed on an AVX2-only CPU").
 """
-import csv, json, os, random, sys, time, statistics
+import csv, json, random, sys, time, statistics
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import LoraConfig, get_peft_model
 
-BASE = Path(os.environ.get("ARBITRAGE_MODEL_CACHE", Path.home() / ".cache/arbitrage/models")) / "smollm2-135m-instruct/0.1.2"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill_banking77 import DATA, SHORT_PROMPT  # noqa: E402 (also puts the project on sys.path)
+from distill.base import DEFAULT_BASE, resolve_base  # noqa: E402
+from distill.training.data import ChatEncoder  # noqa: E402
+
+BASE = resolve_base(DEFAULT_BASE).location
 tok = AutoTokenizer.from_pretrained(BASE)
-rows = list(csv.DictReader(open(Path(__file__).resolve().parent.parent / "simulator/data/banking77/train.csv")))
+encoder = ChatEncoder(tok)
+rows = list(csv.DictReader(open(DATA / "train.csv")))
 random.seed(0); random.shuffle(rows)
 def enc(r):
-    p = tok.apply_chat_template([{"role": "system", "content": "Banking77 intent as JSON."}, {"role": "user", "content": r["text"]}], tokenize=False, add_generation_prompt=True)
-    pi = tok(p, add_special_tokens=False)["input_ids"]; a = tok(json.dumps({"intent": r["category"]}), add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    return pi + a, [-100] * len(pi) + a
+    e = encoder.encode([{"role": "system", "content": SHORT_PROMPT}, {"role": "user", "content": r["text"]}],
+                       json.dumps({"intent": r["category"]}))
+    return e["input_ids"], e["labels"]
 ex = [enc(r) for r in rows[:16 * 6]]
 print("mean tokens", statistics.mean(len(e[0]) for e in ex))
 def batches():
     for i in range(0, len(ex), 16):
         b = ex[i:i+16]; n = max(len(e[0]) for e in b)
-        ids = torch.tensor([e[0] + [tok.pad_token_id or 0] * (n - len(e[0])) for e in b])
+        ids = torch.tensor([e[0] + [tok.pad_token_id] * (n - len(e[0])) for e in b])
         lab = torch.tensor([e[1] + [-100] * (n - len(e[1])) for e in b])
         att = torch.tensor([[1] * len(e[0]) + [0] * (n - len(e[0])) for e in b])
         yield ids, att, lab, sum(len(e[0]) for e in b)
@@ -45,7 +51,7 @@ def make(variant):
     cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"], layers_to_transform=layers, task_type="CAUSAL_LM")
     m = get_peft_model(m, cfg)
     if "bf16w" in variant:
-        for n, p in m.named_parameters():
+        for p in m.parameters():
             if p.requires_grad: p.data = p.data.float()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
     return m, opt
