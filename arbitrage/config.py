@@ -225,8 +225,12 @@ class LocalSettings(_Section):
     reserved_cpus: int | None = None
     """Without a GPU: cores vLLM keeps for its API server (VLLM_CPU_NUM_OF_RESERVED_CPU) [0 on machines of
     up to 4 cores, else vLLM's default]."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and activations of the served model (vLLM's --dtype). auto: vLLM's own choice (the model's,
+    bfloat16 for SmolLM2) on a GPU or on a CPU with bfloat16 instructions (avx512_bf16, amx_bf16, Arm bf16);
+    float32 on a CPU without them, where bfloat16 serves several times slower (bench/vllm_cpu.py)."""
     extra_args: list[str] = msgspec.field(default_factory=list)
-    """More vLLM server arguments, as given."""
+    """More vLLM server arguments, as given (after arbitrage's own, so they win)."""
     startup_timeout_s: float = 600.0
     """Longest wait for the server to become healthy after ``arbitrage local up``."""
     timeout_s: float = 30.0

@@ -1,6 +1,7 @@
 """vLLM (CPU build) serving settings, side by side, on the eval requests of a distillation run:
 
-    .venv/bin/python bench/vllm_cpu.py [--run bench/.work/distill/latest] [--examples 300] [--rounds 2]
+    .venv/bin/python bench/vllm_cpu.py [--run bench/.work/distill/latest] [--path banking77/intents]
+        [--examples 300] [--rounds 2] [--only SETTING ...]
 
 Each setting starts its own vLLM with the run's base model, loads the run's adapter and sends the
 same held-out inputs exactly as `arbitrage distill eval` and the local route ask them (temperature 0,
@@ -18,7 +19,8 @@ Settings (environment of the vLLM process; see deploy/vllm.py):
   tcmalloc (Debian libtcmalloc-minimal4), which vLLM's CPU worker asks for at start.
 - no-reserve: `[local] reserved_cpus = 0`, VLLM_CPU_NUM_OF_RESERVED_CPU=0 (the engine's OpenMP
   threads on both cores; vLLM keeps one core for its API server by default).
-The last setting is arbitrage's default on a machine of up to 4 cores.
+- bfloat16, float32: the last setting (arbitrage's default on a machine of up to 4 cores) with
+  `[local] dtype` set; 'auto' picks float32 on a CPU without bfloat16 instructions.
 
 Results in bench/.work/vllm-cpu/<UTC time>/results.json; add them to bench/RESULTS-distill.md.
 """
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from arbitrage.config import LocalSettings
-from deploy.vllm import LocalClient, LocalServer, free_port
+from deploy.vllm import BF16_CPU_FLAGS, LocalClient, LocalServer, cpu_flags, free_port
 from distill.evaluation import EvalConfig, ask_all, eval_rows, find_adapter
 
 WORK = ROOT / "bench" / ".work"
@@ -57,7 +59,14 @@ def settings() -> dict[str, tuple[dict, dict[str, str]]]:
         "stock+preload+no-reserve": ({"preload": True, "reserved_cpus": 0}, stock),
         "grouped": (plain, {}),
         "grouped+preload+no-reserve": ({"preload": True, "reserved_cpus": 0}, {}),
+        "bfloat16": ({"preload": True, "reserved_cpus": 0, "dtype": "bfloat16"}, {}),
+        "float32": ({"preload": True, "reserved_cpus": 0, "dtype": "float32"}, {}),
     }
+
+
+def cpu_name() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, rows, cfg: EvalConfig,
@@ -88,6 +97,7 @@ def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, ro
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, default=WORK / "distill" / "latest", help="distillation run folder")
+    p.add_argument("--path", default=PATH, help="call path of the run's adapter")
     p.add_argument("--examples", type=int, default=300)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--concurrency", type=int, default=32)
@@ -95,9 +105,9 @@ def main() -> None:
     args = p.parse_args()
 
     run = args.run.resolve()
-    adapter = find_adapter(run / "data" / "adapters", PATH, None)
+    adapter = find_adapter(run / "data" / "adapters", args.path, None)
     rows = eval_rows(adapter, args.examples)
-    cfg = EvalConfig(path=PATH, concurrency=args.concurrency, max_tokens=32)
+    cfg = EvalConfig(path=args.path, concurrency=args.concurrency, max_tokens=32)
     envs = {k: v for k, v in settings().items() if not args.only or k in args.only}
     out = WORK / "vllm-cpu" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True)
@@ -121,7 +131,8 @@ def main() -> None:
                          "errors": sum(r["errors"] for r in results),
                          "answers_differing_from_" + first: sum(a != b for a, b in zip(results[0]["answers"], reference, strict=True))}
     result = {"run": str(run), "examples": len(rows), "concurrency": args.concurrency, "rounds": args.rounds,
-              "machine": f"{os.cpu_count()} cores", "load_average": os.getloadavg(), "settings": summary}
+              "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+              "bf16_cpu_flags": sorted(cpu_flags() & BF16_CPU_FLAGS), "load_average": os.getloadavg(), "settings": summary}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import deploy.vllm
-from arbitrage.config import LocalSettings
+from arbitrage.config import LocalSettings, load_config
+from arbitrage.errors import ConfigError
 from deploy.vllm import LocalServer, vllm_python
 
 COMPARE = r"""
@@ -114,3 +115,41 @@ def test_reserved_cores(cpu_only, monkeypatch):
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in environment(cpu_only), "a large one: vLLM's default"
     with pytest.raises(ValueError, match="local.reserved_cpus must be 0 or more, got -1"):
         LocalSettings(reserved_cpus=-1)
+
+
+def command(**settings) -> list[str]:
+    return LocalServer(LocalSettings(python="python", **settings), "base", Path("/nonexistent")).command()
+
+
+def test_float32_is_served_on_a_cpu_without_bfloat16_instructions(monkeypatch, tmp_path):
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+                    "processor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    amx = tmp_path / "amx"
+    amx.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    cpu = {"gpu": False}
+    assert deploy.vllm.served_dtype(LocalSettings(), flags=deploy.vllm.cpu_flags(avx2), **cpu) == "float32"
+    assert deploy.vllm.served_dtype(LocalSettings(), flags=deploy.vllm.cpu_flags(amx), **cpu) is None
+    assert deploy.vllm.served_dtype(LocalSettings(), flags=deploy.vllm.cpu_flags(arm), **cpu) is None
+    assert deploy.vllm.served_dtype(LocalSettings(), gpu=True, flags=set()) is None, "a GPU: vLLM's own choice"
+    assert deploy.vllm.served_dtype(LocalSettings(dtype="bfloat16"), flags=deploy.vllm.cpu_flags(avx2),
+                                    **cpu) == "bfloat16", "a configured dtype is used as it is"
+    assert deploy.vllm.cpu_flags(tmp_path / "missing") == set()
+
+    monkeypatch.setattr(deploy.vllm, "has_gpu", lambda: False)
+    monkeypatch.setattr(deploy.vllm, "cpu_flags", lambda: {"avx2"})
+    cmd = command()
+    assert cmd[cmd.index("--dtype") + 1] == "float32"
+    cmd = command(extra_args=["--dtype", "bfloat16"])
+    assert cmd[-2:] == ["--dtype", "bfloat16"], "the user's own arguments come last, so vLLM takes them"
+    monkeypatch.setattr(deploy.vllm, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert "--dtype" not in command()
+
+
+def test_a_dtype_vllm_does_not_serve_is_a_config_error(tmp_path):
+    config = tmp_path / "arbitrage.toml"
+    config.write_text('[local]\ndtype = "int8"\n')
+    with pytest.raises(ConfigError, match=r"local\.dtype"):
+        load_config(config)
