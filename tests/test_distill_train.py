@@ -217,3 +217,19 @@ def test_answer_only_loss_equals_the_full_models_loss():
     assert torch.allclose(trainer.compute_loss(model, {"input_ids": ids, "labels": labels}), full)
     summed = trainer.compute_loss(model, {"input_ids": ids, "labels": labels}, num_items_in_batch=torch.tensor(20))
     assert torch.allclose(summed, full * 10 / 20)
+
+
+def test_a_hopeless_bf16_warm_up_ends_the_speed_measurement():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.training.train import measure_speed
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    assert measure_speed(model, bf16=False) > 0 and len(calls) == 3, "a warm-up step, then the best of two"
+    calls.clear()
+    assert measure_speed(model, bf16=True, give_up_s=0.0) > 0 and len(calls) == 1, "the warm-up alone"
+    assert all(p.grad is None for p in model.parameters()) and not torch.is_autocast_enabled("cpu")
