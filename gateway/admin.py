@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, get, post, put
+from litestar.params import FromPath
 
 from arbitrage.config import check_route_path
 from arbitrage.errors import ConfigError, InvalidRequestError, NotFoundError
@@ -60,7 +61,7 @@ async def list_routes(request: Request) -> dict[str, Any]:
 
 
 @get("/admin/routes/{path:path}", guards=[require_admin], include_in_schema=False)
-async def show_route(request: Request, path: str) -> dict[str, Any]:
+async def show_route(request: Request, path: FromPath[str]) -> dict[str, Any]:
     """One path's policy (404 when it has none)."""
     gateway, path = request.app.state.gateway, _route_path(path)
     gateway.routes.refresh()
@@ -70,7 +71,7 @@ async def show_route(request: Request, path: str) -> dict[str, Any]:
 
 
 @put("/admin/routes/{path:path}", guards=[require_admin], include_in_schema=False)
-async def update_route(request: Request, path: str) -> dict[str, Any]:
+async def update_route(request: Request, path: FromPath[str]) -> dict[str, Any]:
     """Merge the body's policy fields onto the path's policy (the default one, mode off, if none)."""
     gateway, path = request.app.state.gateway, _route_path(path)
     fields = _json_object(await request.body())
@@ -80,7 +81,7 @@ async def update_route(request: Request, path: str) -> dict[str, Any]:
 
 
 @post("/admin/routes/{path:path}", guards=[require_admin], status_code=200, include_in_schema=False)
-async def route_action(request: Request, path: str) -> dict[str, Any]:
+async def route_action(request: Request, path: FromPath[str]) -> dict[str, Any]:
     """``PATH/promote`` or ``PATH/rollback`` (litestar's path parameters end the route, so the
     action is the last segment)."""
     gateway = request.app.state.gateway
