@@ -252,6 +252,8 @@ def recipe_args(args, max_steps: int | None = None) -> list[str]:
                "--save-steps", str(args.save_steps), "--logging-steps", "10"]
     if args.lora_alpha:
         options += ["--lora-alpha", str(args.lora_alpha)]
+    if args.lora_layers:
+        options += ["--lora-layers", str(args.lora_layers)]
     max_steps = max_steps or args.max_steps
     return options + (["--max-steps", str(max_steps)] if max_steps else ["--epochs", str(args.epochs)])
 
@@ -385,7 +387,8 @@ def trl_recipe(args, bf16: bool) -> list[str]:
     return ["--short-prompt", args.short_prompt, "--rank", str(args.rank), "--lr", str(args.lr),
             "--batch-size", str(args.batch_size), "--grad-accumulation", str(args.grad_accumulation),
             "--max-seq-len", str(args.max_seq_len), "--bf16", "on" if bf16 else "off",
-            *(["--lora-alpha", str(args.lora_alpha)] if args.lora_alpha else [])]
+            *(["--lora-alpha", str(args.lora_alpha)] if args.lora_alpha else []),
+            *(["--lora-layers", str(args.lora_layers)] if args.lora_layers else [])]
 
 
 def trl_worker(argv: list[str]) -> None:
@@ -397,6 +400,7 @@ def trl_worker(argv: list[str]) -> None:
         parser.add_argument(name, type=int, required=True)
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--lora-alpha", type=float)
+    parser.add_argument("--lora-layers", type=int)
     a = parser.parse_args(argv)
     import pyarrow.parquet as pq
     import torch
@@ -432,8 +436,11 @@ def trl_worker(argv: list[str]) -> None:
                            gradient_accumulation_steps=a.grad_accumulation, learning_rate=a.lr,
                            max_length=a.max_seq_len, logging_steps=10, save_strategy="no", report_to="none",
                            include_num_input_tokens_seen="non_padding", disable_tqdm=True, dataloader_num_workers=0)
-    lora = LoraConfig(r=a.rank, lora_alpha=a.lora_alpha or 2 * a.rank, lora_dropout=0.0, target_modules="all-linear",
-                      bias="none", task_type="CAUSAL_LM")
+    layers = model.config.num_hidden_layers
+    upper = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+             "layers_to_transform": list(range(layers - a.lora_layers, layers))} if a.lora_layers else {}
+    lora = LoraConfig(r=a.rank, lora_alpha=a.lora_alpha or 2 * a.rank, lora_dropout=0.0,
+                      **{"target_modules": "all-linear", **upper}, bias="none", task_type="CAUSAL_LM")
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                              peft_config=lora, callbacks=[timer])
     output = trainer.train()
@@ -506,6 +513,7 @@ def parse(argv: list[str]):
     p.add_argument("--short-prompt", default=SHORT_PROMPT, help="system prompt trained and served instead of the app's")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, help="[2 x rank]")
+    p.add_argument("--lora-layers", type=int, help="LoRA in the last N decoder layers only [all]")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--schedule", default="linear")

@@ -60,6 +60,7 @@ def base(models_dir) -> None:
 @field_option(TrainConfig, "--lora-alpha", field="lora_alpha", type=float)
 @field_option(TrainConfig, "--lora-dropout", field="lora_dropout", type=float)
 @field_option(TrainConfig, "--target-modules", field="target_modules", multiple=True)
+@field_option(TrainConfig, "--lora-layers", field="lora_layers", type=int)
 @field_option(TrainConfig, "--max-seq-len", field="max_seq_len", type=int)
 @field_option(TrainConfig, "--bf16", field="bf16", type=click.Choice(["auto", "on", "off"]))
 @field_option(TrainConfig, "--eval-steps", field="eval_steps", type=int)

@@ -10,6 +10,7 @@ import math
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 from click.testing import CliRunner
 from transformers import TrainerCallback
@@ -126,6 +127,7 @@ def test_drop_system_prompt_trains_with_the_short_one(tmp_path, tokenizer):
     ({"max_steps": 0}, "--max-steps"), ({"epochs": 0}, "--epochs"), ({"lora_dropout": 1.0}, "--lora-dropout"),
     ({"dataset_version": "latest"}, "--dataset-version"), ({"short_system_prompt": "x"}, "--drop-system-prompt"),
     ({"target_modules": ("all-linear", "q_proj")}, "all-linear"), ({"path": "../up"}, "call path"),
+    ({"lora_layers": 0}, "--lora-layers"),
 ])
 def test_bad_config_values_raise(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -187,6 +189,39 @@ def test_train_command_errors(tmp_path, models_dir, base_folder):
     assert "not found" in cli_train(tmp_path, models_dir, "--base", "./missing-model").output
     result = cli_train(tmp_path, models_dir, "--max-seq-len", "16")
     assert result.exit_code == 1 and "longer than --max-seq-len 16" in result.output
+    result = cli_train(tmp_path, models_dir, "--lora-layers", "31")
+    assert result.exit_code == 1 and "--lora-layers 31: the base model has 30 decoder layers" in result.output
+    assert not list((tmp_path / "adapters" / PATH).glob("v*")), "no adapter left behind by a refused run"
+
+
+def test_lora_on_the_upper_layers_only_is_served_by_vllm(tmp_path, models_dir, base_folder, vllm):
+    from deploy.vllm import LocalClient
+
+    write_version(tmp_path)
+    result = cli_train(tmp_path, models_dir, "--max-steps", "2", "--lora-layers", "2")
+    assert result.exit_code == 0, result.output
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter["layers_to_transform"] == [28, 29]
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert TrainConfig.load(folder / "train_config.json").lora_layers == 2
+
+    from safetensors import safe_open
+
+    with safe_open(folder / "adapter_model.safetensors", "pt") as weights:
+        layers = {int(name.split(".layers.")[1].split(".")[0]) for name in weights.keys()}
+    assert layers == {28, 29}
+
+    client = LocalClient(vllm.base_url)
+    try:
+        client.load_adapter("upper-layers", folder)
+        reply = httpx.post(f"{vllm.base_url}/chat/completions", timeout=120, json={
+            "model": "upper-layers", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "I still have not received my new card."}]})
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"]
+    finally:
+        client.unload_adapter("upper-layers")
+        client.close()
 
 
 class InterruptAfterSave(TrainerCallback):

@@ -38,7 +38,7 @@ from transformers import TrainerCallback
 
 from arbitrage.errors import ConfigError
 from distill.base import BaseModel, default_models_dir, resolve_base
-from distill.training.config import TrainConfig
+from distill.training.config import ALL_LINEAR, TrainConfig
 from distill.training.data import IGNORE_INDEX, ChatEncoder, EncodedSplit, encode_split, read_split
 from distill.versions import MANIFEST, choose, versions, write_json
 from distill.versions import publish as publish_version
@@ -96,6 +96,7 @@ def train(cfg: TrainConfig, data_dir: Path, command: Sequence[str], *, resume: b
     base = resolve_base(cfg.base, models_dir)
     tokenizer = load_tokenizer(base)
     splits = encode_splits(dataset, ChatEncoder(tokenizer), cfg)
+    check_lora_layers(cfg, base)
     root = Path(data_dir) / "adapters" / cfg.path
     run = open_run(root, cfg, resume)
     model = load_lora_model(base, cfg)
@@ -213,12 +214,39 @@ def load_lora_model(base: BaseModel, cfg: TrainConfig):
         model = AutoModelForCausalLM.from_pretrained(base.location, dtype=torch.float32)
     except OSError as exc:
         raise ConfigError(f"cannot load base model {base.name!r}: {_first_line(exc)}") from None
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.peft_target_modules, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", **_targets(model, cfg))
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"LoRA target modules {list(cfg.target_modules)}: {exc}") from None
+
+
+def check_lora_layers(cfg: TrainConfig, base: BaseModel) -> None:
+    """--lora-layers no larger than the base model's decoder layers (read from its config, before a run
+    folder is made)."""
+    from transformers import AutoConfig
+
+    if cfg.lora_layers is not None:
+        layers = AutoConfig.from_pretrained(base.location).num_hidden_layers
+        if cfg.lora_layers > layers:
+            raise ConfigError(f"--lora-layers {cfg.lora_layers}: the base model has {layers} decoder layers")
+
+
+def _targets(model, cfg: TrainConfig) -> dict[str, Any]:
+    """peft's ``target_modules``, and ``layers_to_transform`` for ``cfg.lora_layers``. peft takes the layers
+    only with module names, so there 'all-linear' becomes the names of the linear modules of the decoder
+    layers."""
+    import torch
+
+    if cfg.lora_layers is None:
+        return {"target_modules": cfg.peft_target_modules}
+    layers = model.config.num_hidden_layers
+    targets = cfg.peft_target_modules
+    if targets == ALL_LINEAR:
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, torch.nn.Linear) and ".layers." in name})
+    return {"target_modules": targets, "layers_to_transform": list(range(layers - cfg.lora_layers, layers))}
 
 
 def choose_precision(cfg: TrainConfig, model, base: BaseModel, cache_file: Path) -> dict[str, Any]:
