@@ -246,6 +246,9 @@ def _targets(model, cfg: TrainConfig) -> dict[str, Any]:
     if targets == ALL_LINEAR:
         targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                           if isinstance(module, torch.nn.Linear) and ".layers." in name})
+        if not targets:
+            raise ConfigError("--lora-layers: no linear modules found in the base model's `layers`; "
+                              "name them with --target-modules")
     return {"target_modules": targets, "layers_to_transform": list(range(layers - cfg.lora_layers, layers))}
 
 
