@@ -20,7 +20,8 @@ Settings (environment of the vLLM process; see deploy/vllm.py):
 - no-reserve: `[local] reserved_cpus = 0`, VLLM_CPU_NUM_OF_RESERVED_CPU=0 (the engine's OpenMP
   threads on both cores; vLLM keeps one core for its API server by default).
 - bfloat16, float32: the last setting (arbitrage's default on a machine of up to 4 cores) with
-  `[local] dtype` set; 'auto' picks float32 on a CPU without bfloat16 instructions.
+  `[local] dtype` set. The other settings take `[local] dtype = "auto"`, which picks float32 on a CPU
+  without bfloat16 instructions (so there "stock" is vLLM's defaults but for the dtype).
 
 Results in bench/.work/vllm-cpu/<UTC time>/results.json; add them to bench/RESULTS-distill.md.
 """
