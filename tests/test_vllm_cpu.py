@@ -1,7 +1,7 @@
 """What makes vLLM's CPU build fast here (bench/vllm_cpu.py measures it): the grouped LoRA ops
 (deploy/vllm_cpu_lora, a vLLM plugin) against vLLM's own, run in vLLM's environment (.venv-vllm);
 the plugin at work in the session's real vLLM; the server's environment (preloaded libraries,
-reserved cores)."""
+reserved cores) and the dtype it serves in."""
 
 from __future__ import annotations
 
