@@ -454,11 +454,11 @@ def trl_worker(argv: list[str]) -> None:
 
 
 def machine() -> dict:
+    from arbitrage.machine import cpu_name
+
     load = os.getloadavg()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
+    return {"cores": os.cpu_count(), "cpu": cpu_name(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
                                                                         * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "python": platform.python_version(), "commit": commit.strip(), "load_at_start": [round(x, 2) for x in load]}
 

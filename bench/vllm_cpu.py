@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from arbitrage.config import LocalSettings
-from deploy.vllm import BF16_CPU_FLAGS, LocalClient, LocalServer, cpu_flags, free_port
+from arbitrage.machine import cpu_flags, cpu_name
+from deploy.vllm import BF16_CPU_FLAGS, LocalClient, LocalServer, free_port
 from distill.evaluation import EvalConfig, ask_all, eval_rows, find_adapter
 
 WORK = ROOT / "bench" / ".work"
@@ -63,11 +64,6 @@ def settings() -> dict[str, tuple[dict, dict[str, str]]]:
         "bfloat16": ({"preload": True, "reserved_cpus": 0, "dtype": "bfloat16"}, {}),
         "float32": ({"preload": True, "reserved_cpus": 0, "dtype": "float32"}, {}),
     }
-
-
-def cpu_name() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
 
 
 def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, rows, cfg: EvalConfig,

@@ -39,6 +39,7 @@ import httpx
 
 from arbitrage.config import LocalSettings
 from arbitrage.errors import ConfigError, UpstreamError
+from arbitrage.machine import cpu_flags
 from arbitrage.server_process import die_with_parent
 
 PYTHON_ENV = "ARBITRAGE_VLLM_PYTHON"
@@ -81,16 +82,6 @@ def has_gpu() -> bool:
 
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 """/proc/cpuinfo flags of bfloat16 arithmetic: x86's AVX-512 BF16 and AMX, Arm's BF16 (in "Features")."""
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo is missing or unreadable)."""
-    try:
-        lines = cpuinfo.read_text().splitlines()
-    except OSError:
-        return set()
-    return {flag for line in lines if line.split(":", 1)[0].strip() in ("flags", "Features")
-            for flag in line.split(":", 1)[-1].split()}
 
 
 def served_dtype(settings: LocalSettings, *, gpu: bool, flags: set[str]) -> str | None:

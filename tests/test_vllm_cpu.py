@@ -15,6 +15,7 @@ import pytest
 import deploy.vllm
 from arbitrage.config import LocalSettings, load_config
 from arbitrage.errors import ConfigError
+from arbitrage.machine import cpu_flags, cpu_name
 from deploy.vllm import LocalServer, vllm_python
 
 COMPARE = r"""
@@ -130,13 +131,14 @@ def test_float32_is_served_on_a_cpu_without_bfloat16_instructions(monkeypatch, t
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
     cpu = {"gpu": False}
-    assert deploy.vllm.served_dtype(LocalSettings(), flags=deploy.vllm.cpu_flags(avx2), **cpu) == "float32"
-    assert deploy.vllm.served_dtype(LocalSettings(), flags=deploy.vllm.cpu_flags(amx), **cpu) is None
-    assert deploy.vllm.served_dtype(LocalSettings(), flags=deploy.vllm.cpu_flags(arm), **cpu) is None
+    assert deploy.vllm.served_dtype(LocalSettings(), flags=cpu_flags(avx2), **cpu) == "float32"
+    assert deploy.vllm.served_dtype(LocalSettings(), flags=cpu_flags(amx), **cpu) is None
+    assert deploy.vllm.served_dtype(LocalSettings(), flags=cpu_flags(arm), **cpu) is None
     assert deploy.vllm.served_dtype(LocalSettings(), gpu=True, flags=set()) is None, "a GPU: vLLM's own choice"
-    assert deploy.vllm.served_dtype(LocalSettings(dtype="bfloat16"), flags=deploy.vllm.cpu_flags(avx2),
+    assert deploy.vllm.served_dtype(LocalSettings(dtype="bfloat16"), flags=cpu_flags(avx2),
                                     **cpu) == "bfloat16", "a configured dtype is used as it is"
-    assert deploy.vllm.cpu_flags(tmp_path / "missing") == set()
+    assert cpu_flags(tmp_path / "missing") == set()
+    assert cpu_name(avx2) == "AMD EPYC"
 
     monkeypatch.setattr(deploy.vllm, "has_gpu", lambda: False)
     monkeypatch.setattr(deploy.vllm, "cpu_flags", lambda: {"avx2"})

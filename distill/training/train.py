@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import re
 import shlex
 import shutil
@@ -37,6 +36,7 @@ from typing import Any, Sequence
 from transformers import TrainerCallback
 
 from arbitrage.errors import ConfigError
+from arbitrage.machine import cpu_name
 from distill.base import BaseModel, default_models_dir, resolve_base
 from distill.training.config import ALL_LINEAR, TrainConfig
 from distill.training.data import IGNORE_INDEX, ChatEncoder, EncodedSplit, encode_split, read_split
@@ -291,15 +291,7 @@ def measure_speed(model, bf16: bool, steps: int = 2, give_up_s: float | None = N
 def _machine_key(base: BaseModel) -> str:
     import torch
 
-    return f"{_cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {base.location}"
-
-
-def _cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {base.location}"
 
 
 def final_eval_loss(trainer) -> float | None:
