@@ -705,24 +705,29 @@ def new_run_dir(root: Path) -> Path:
 def run_demo(root: Path, quick: bool, stop_after: str = "roi", vllm_url: str | None = None,
              economics: Economics = Economics()) -> dict[str, Any]:
     """One demo run in a fresh folder below ``root``; every process it starts is stopped before
-    it returns, whether it finishes, fails or is interrupted (Ctrl-C, SIGTERM, SIGHUP)."""
+    it returns, whether it finishes, fails or is interrupted (Ctrl-C, SIGTERM, SIGHUP). After an
+    interrupt these signals stay ignored: the caller is exiting, and a late Ctrl-C must not turn that
+    exit into a traceback."""
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     demo = Demo(new_run_dir(root), QUICK if quick else FULL, economics, console, vllm_url)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+    interrupted = False
     try:
         return demo.run(stop_after)
     except KeyboardInterrupt:
+        interrupted = True
         console.print("\n[bold]interrupted[/]: stopping every process the demo started")
         raise
     finally:
         for sig in previous:  # a second Ctrl-C must not cut the clean-up short
             signal.signal(sig, signal.SIG_IGN)
         demo.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        if not interrupted:  # an interrupted demo is on its way out: a late Ctrl-C stays ignored until it exits
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def _interrupt(signum, frame) -> None:
