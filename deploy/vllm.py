@@ -24,6 +24,7 @@ serves in float32 (``[local] dtype``).
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import os
 import shutil
 import signal
@@ -74,8 +75,10 @@ def preload_libraries(settings: LocalSettings) -> list[str]:
     return found
 
 
+@functools.cache
 def has_gpu() -> bool:
-    """An NVIDIA GPU is visible (then the CUDA build of vLLM is expected, with its own defaults)."""
+    """An NVIDIA GPU is visible (then the CUDA build of vLLM is expected, with its own defaults). Asked
+    once per process: a server's command line and its environment both depend on it."""
     return shutil.which("nvidia-smi") is not None and subprocess.run(
         ["nvidia-smi", "-L"], capture_output=True, check=False).returncode == 0
 
