@@ -15,7 +15,8 @@
 4. eval: vLLM (CPU build) with the adapter, `arbitrage distill eval --target 0.99`; coverage at
    the target is reported for both confidence signals (joint and min token probability).
 5. (--trl-baseline STEPS) TRL's SFTTrainer + peft on the same training split, same LoRA, batch,
-   learning rate and precision, run from bench/.work/trl-venv; not counted in the pipeline time.
+   learning rate and precision, run from bench/.work/trl-venv (made on first use: a venv that sees
+   this project's packages and adds only TRL's own); not counted in the pipeline time.
 
 Everything goes to bench/.work/distill/<UTC time>/ (data dir, logs, results.json, results.md);
 bench/.work/distill/latest points at the last run (bench/route_banking77.py uses its adapter).
@@ -44,7 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 DATA = ROOT / "simulator" / "data" / "banking77"
 WORK = ROOT / "bench" / ".work"
-TRL_PYTHON = WORK / "trl-venv" / "bin" / "python"
+TRL_VENV = WORK / "trl-venv"
+TRL_REQUIREMENT = "trl==1.16.0"
+"""The TRL the baseline was measured with (bench/RESULTS-distill.md); it accepts this project's transformers."""
 TRAIN_PATH = "banking77/intents"
 HELDOUT_PATH = "banking77/intents-heldout"
 MODEL = "gpt-4o-mini"
@@ -368,10 +371,8 @@ def signals(predictions: Path, target: float) -> dict:
 def trl_baseline(run: Path, dataset: str, steps: int, args, log: Path, bf16: bool) -> dict:
     """TRL's SFTTrainer on the same training split, from its own venv (this file's `trl-worker` mode),
     in the precision the measured training used (``bf16``), so the two are compared like for like."""
-    if not TRL_PYTHON.exists():
-        raise RuntimeError(f"no TRL venv at {TRL_PYTHON}: see bench/README.md (distill_banking77) to create it")
     out = run / "trl-baseline.json"
-    command = [str(TRL_PYTHON), __file__, "trl-worker", "--dataset",
+    command = [str(trl_python(TRL_VENV, log)), __file__, "trl-worker", "--dataset",
                str(run / "data" / "datasets" / TRAIN_PATH / dataset), "--steps", str(steps), "--out", str(out),
                *trl_recipe(args, bf16)]
     with open(log, "a") as err:
@@ -381,6 +382,36 @@ def trl_baseline(run: Path, dataset: str, steps: int, args, log: Path, bf16: boo
     if done.returncode != 0:
         raise RuntimeError(f"TRL baseline failed ({done.returncode}); see {log}")
     return json.loads(out.read_text())
+
+
+def trl_python(venv: Path, log: Path) -> Path:
+    """The Python of a venv that sees this project's packages (a .pth file naming its site-packages)
+    and adds only TRL's own (trl, datasets), so both trainings run the same torch, transformers and
+    peft. Made on first use, in a .partial folder renamed when complete (an interrupted install is
+    not mistaken for a venv)."""
+    import shutil
+    import sysconfig
+
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    partial = venv.with_name(venv.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with open(log, "a") as err:
+        def step(command: list[str]) -> str:
+            err.write(f"\n$ {shlex.join(command)}\n")
+            err.flush()
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=err, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"making the TRL venv failed at `{shlex.join(command)}`; see {log}")
+            return done.stdout
+
+        step([sys.executable, "-m", "venv", str(partial)])
+        site = step([str(partial / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"])
+        (Path(site.strip()) / "main-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        step([str(partial / "bin" / "python"), "-m", "pip", "install", "--quiet", TRL_REQUIREMENT])
+    partial.rename(venv)
+    return python
 
 
 def trl_recipe(args, bf16: bool) -> list[str]:
