@@ -295,7 +295,7 @@ def train_for(args: list[str], seconds: float, run: Path, log: Path) -> tuple[st
             out, _ = proc.communicate(timeout=seconds)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGINT)
-            proc.communicate(timeout=300)
+            out, _ = proc.communicate(timeout=300)  # it may have finished just then (status 0, the adapter's folder)
         except BaseException:
             proc.kill()
             raise
