@@ -1,14 +1,15 @@
 """vLLM (CPU build) serving settings, side by side, on the eval requests of a distillation run:
 
     .venv/bin/python bench/vllm_cpu.py [--run bench/.work/distill/latest] [--path banking77/intents]
-        [--examples 300] [--rounds 2] [--only SETTING ...]
+        [--examples 300] [--rounds 2] [--concurrency 32 ...] [--only SETTING ...]
 
 Each setting starts its own vLLM with the run's base model, loads the run's adapter and sends the
 same held-out inputs exactly as `arbitrage distill eval` and the local route ask them (temperature 0,
-log-probs, 32 tokens at most), with 32 in flight. Settings run in turn, round after round (A B C A B
-C), so that a noisy neighbour hurts each of them alike; the report gives each one's median
-requests/s over the rounds and its ratio to the first. Answers are compared with the first
-setting's so that a faster setting that answers differently is seen.
+log-probs, 32 tokens at most), with 32 in flight (or each of several `--concurrency` values in turn
+against the same server: then a setting is reported as name@concurrency). Settings run in turn,
+round after round (A B C A B C), so that a noisy neighbour hurts each of them alike; the report
+gives each one's median requests/s over the rounds and its ratio to the first. Answers are compared
+with the first setting's so that a faster setting that answers differently is seen.
 
 Settings (environment of the vLLM process; see deploy/vllm.py):
 - stock: vLLM's own CPU LoRA ops (ARBITRAGE_LORA_OPS=stock), no preloaded libraries, vLLM's
@@ -66,8 +67,9 @@ def settings() -> dict[str, tuple[dict, dict[str, str]]]:
     }
 
 
-def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, rows, cfg: EvalConfig,
-            out: Path) -> dict:
+def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, rows, cfgs: list[EvalConfig],
+            out: Path) -> list[dict]:
+    """One vLLM with this setting; the rows sent once per config (concurrency), in turn."""
     settings = LocalSettings(served_model_name="base", max_loras=1, max_lora_rank=16, max_model_len=1024,
                              startup_timeout_s=900, **fields)
     saved = {k: os.environ.get(k) for k in env}
@@ -78,17 +80,20 @@ def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, ro
         client = LocalClient(server.base_url)
         client.load_adapter(adapter.served_name, adapter.folder)
         client.close()
-        started = time.perf_counter()
-        predictions = asyncio.run(ask_all(server.base_url, adapter, rows, cfg, progress=False))
-        seconds = time.perf_counter() - started
+        results = []
+        for cfg in cfgs:
+            started = time.perf_counter()
+            predictions = asyncio.run(ask_all(server.base_url, adapter, rows, cfg, progress=False))
+            seconds = time.perf_counter() - started
+            results.append({"requests_per_s": len(rows) / seconds, "seconds": seconds,
+                            "errors": sum(p.error is not None for p in predictions),
+                            "median_latency_ms": statistics.median(p.latency_ms for p in predictions),
+                            "answers": [p.answer for p in predictions]})
     finally:
         server.stop()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    errors = sum(p.error is not None for p in predictions)
-    return {"requests_per_s": len(rows) / seconds, "seconds": seconds, "errors": errors,
-            "median_latency_ms": statistics.median(p.latency_ms for p in predictions),
-            "answers": [p.answer for p in predictions]}
+    return results
 
 
 def main() -> None:
@@ -97,31 +102,38 @@ def main() -> None:
     p.add_argument("--path", default=PATH, help="call path of the run's adapter")
     p.add_argument("--examples", type=int, default=300)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[32], help="requests in flight (several: each in turn)")
     p.add_argument("--only", nargs="*", help="settings to run [all]")
     args = p.parse_args()
 
     run = args.run.resolve()
     adapter = find_adapter(run / "data" / "adapters", args.path, None)
     rows = eval_rows(adapter, args.examples)
-    cfg = EvalConfig(path=args.path, concurrency=args.concurrency, max_tokens=32)
+    cfgs = [EvalConfig(path=args.path, concurrency=c, max_tokens=32) for c in args.concurrency]
     envs = {k: v for k, v in settings().items() if not args.only or k in args.only}
+    names = {k: [f"{k}@{c}" if len(cfgs) > 1 else k for c in args.concurrency] for k in envs}
     out = WORK / "vllm-cpu" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True)
-    runs: dict[str, list[dict]] = {name: [] for name in envs}
+    runs: dict[str, list[dict]] = {name: [] for variants in names.values() for name in variants}
     for round_ in range(args.rounds):
-        for name, (fields, env) in envs.items():
-            result = run_one(name, fields, env, adapter.manifest["base"]["location"], adapter, rows, cfg, out)
-            print(f"round {round_ + 1} {name}: {result['requests_per_s']:.2f} req/s, "
-                  f"median {result['median_latency_ms']:.0f} ms, {result['errors']} errors", flush=True)
-            runs[name].append(result)
-    first = next(iter(envs))
+        for setting, (fields, env) in envs.items():
+            # several concurrencies share a server: their order flips every round, so none always runs first (cold)
+            order = list(zip(names[setting], cfgs, strict=True))[::1 if round_ % 2 == 0 else -1]
+            results = run_one(setting, fields, env, adapter.manifest["base"]["location"], adapter, rows,
+                              [cfg for _, cfg in order], out)
+            for (name, _), result in zip(order, results, strict=True):
+                print(f"round {round_ + 1} {name}: {result['requests_per_s']:.2f} req/s, "
+                      f"median {result['median_latency_ms']:.0f} ms, {result['errors']} errors", flush=True)
+                runs[name].append(result)
+    first = next(iter(runs))
+    setting_of = {name: setting for setting, variants in names.items() for name in variants}
     reference = runs[first][0]["answers"]
     base_speed = statistics.median(r["requests_per_s"] for r in runs[first])
     summary = {}
     for name, results in runs.items():
         speed = statistics.median(r["requests_per_s"] for r in results)
-        summary[name] = {"settings": envs[name][0], "env": envs[name][1], "median_requests_per_s": round(speed, 2),
+        fields, env = envs[setting_of[name]]
+        summary[name] = {"settings": fields, "env": env, "median_requests_per_s": round(speed, 2),
                          "ratio": round(speed / base_speed, 2),
                          "runs_requests_per_s": [round(r["requests_per_s"], 2) for r in results],
                          "median_latency_ms": round(statistics.median(r["median_latency_ms"] for r in results)),
