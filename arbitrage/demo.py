@@ -26,6 +26,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -714,16 +715,15 @@ def run_demo(root: Path, quick: bool, stop_after: str = "roi", vllm_url: str | N
     demo = Demo(new_run_dir(root), QUICK if quick else FULL, economics, console, vllm_url)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
-    interrupted = False
     try:
         return demo.run(stop_after)
     except KeyboardInterrupt:
-        interrupted = True
         console.print("\n[bold]interrupted[/]: stopping every process the demo started")
         raise
     finally:
         for sig in previous:  # a second Ctrl-C must not cut the clean-up short
             signal.signal(sig, signal.SIG_IGN)
+        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)  # also a press that landed in this block
         demo.close()
         if not interrupted:  # an interrupted demo is on its way out: a late Ctrl-C stays ignored until it exits
             for sig, handler in previous.items():
