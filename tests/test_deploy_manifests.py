@@ -102,6 +102,18 @@ def test_compose_services_and_grafana_provisioning():
     assert mounts[provider["providers"][0]["options"]["path"]] == ROOT / "grafana" / "dashboards"
 
 
+def test_compose_cpu_vllm_takes_its_dtype_from_the_environment():
+    def dtype(env: dict[str, str]) -> str:
+        result = subprocess.run(COMPOSE + ["-f", str(DEPLOY / "compose.yaml"), "--profile", "cpu", "config", "--format",
+                                           "json"], capture_output=True, text=True, timeout=60, check=True,
+                                env={"OPENAI_API_KEY": "sk-test", **env})
+        command = yaml.safe_load(result.stdout)["services"]["vllm-cpu"]["command"]
+        return command[command.index("--dtype") + 1]
+
+    assert dtype({}) == "auto"  # vLLM's own choice unless told
+    assert dtype({"VLLM_DTYPE": "float32"}) == "float32"
+
+
 def embedded_tomls() -> dict[str, str]:
     configs = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["configs"]
     return {"compose": configs["arbitrage-toml"]["content"],
