@@ -12,8 +12,7 @@ CPUINFO = Path("/proc/cpuinfo")
 def cpu_name(cpuinfo: Path = CPUINFO) -> str:
     """The CPU's model name (else what ``platform`` knows, where /proc/cpuinfo is missing or has none)."""
     try:
-        lines = cpuinfo.read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        return next(value for key, value in _fields(cpuinfo) if key == "model name")
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
@@ -22,8 +21,12 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
     """The CPU's feature flags: x86's "flags", Arm's "Features" (empty where /proc/cpuinfo is missing or
     unreadable)."""
     try:
-        lines = cpuinfo.read_text().splitlines()
+        return {flag for key, value in _fields(cpuinfo) if key in ("flags", "Features") for flag in value.split()}
     except OSError:
         return set()
-    return {flag for line in lines if line.split(":", 1)[0].strip() in ("flags", "Features")
-            for flag in line.split(":", 1)[-1].split()}
+
+
+def _fields(cpuinfo: Path) -> list[tuple[str, str]]:
+    """``key: value`` lines, both stripped (raises OSError where the file cannot be read)."""
+    return [(key.strip(), value.strip()) for key, _, value in
+            (line.partition(":") for line in cpuinfo.read_text().splitlines())]

@@ -387,8 +387,8 @@ def trl_baseline(run: Path, dataset: str, steps: int, args, log: Path, bf16: boo
 def trl_python(venv: Path, log: Path) -> Path:
     """The Python of a venv that sees this project's packages (a .pth file naming its site-packages)
     and adds only what TRL needs beyond them (trl, datasets and theirs), so both trainings run the
-    same torch, transformers and peft. Made on first use, in a .partial folder renamed when complete (an interrupted install is
-    not mistaken for a venv)."""
+    same torch, transformers and peft. Made on first use, in a .partial folder renamed when complete
+    (an interrupted install is not mistaken for a venv)."""
     import shutil
     import sysconfig
 

@@ -75,9 +75,10 @@ def test_services_select_their_pods(kind, name):
     assert len(pods) == 1
 
 
-def compose(*args: str, file: Path = DEPLOY / "compose.yaml") -> subprocess.CompletedProcess:
+def compose(*args: str, file: Path = DEPLOY / "compose.yaml", env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess:
     return subprocess.run(COMPOSE + ["-f", str(file), "--profile", "gpu", "--profile", "cpu", *args],
-                          capture_output=True, text=True, timeout=60, env={"OPENAI_API_KEY": "sk-test"},
+                          capture_output=True, text=True, timeout=60, env={"OPENAI_API_KEY": "sk-test", **(env or {})},
                           check=False)
 
 
@@ -104,9 +105,8 @@ def test_compose_services_and_grafana_provisioning():
 
 def test_compose_cpu_vllm_takes_its_dtype_from_the_environment():
     def dtype(env: dict[str, str]) -> str:
-        result = subprocess.run(COMPOSE + ["-f", str(DEPLOY / "compose.yaml"), "--profile", "cpu", "config", "--format",
-                                           "json"], capture_output=True, text=True, timeout=60, check=True,
-                                env={"OPENAI_API_KEY": "sk-test", **env})
+        result = compose("config", "--format", "json", env=env)
+        assert result.returncode == 0, result.stderr
         command = yaml.safe_load(result.stdout)["services"]["vllm-cpu"]["command"]
         return command[command.index("--dtype") + 1]
 
