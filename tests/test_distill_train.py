@@ -254,6 +254,87 @@ def test_answer_only_loss_equals_the_full_models_loss():
     assert torch.allclose(summed, full * 10 / 20)
 
 
+def _loss_and_grads(model, batch: dict, share_prefix: bool, num_items=None):
+    from transformers import Trainer
+
+    from distill.training.train import answer_only_trainer
+
+    trainer_class = answer_only_trainer(Trainer, share_prefix=share_prefix)
+    model.zero_grad()
+    loss = trainer_class.__new__(trainer_class).compute_loss(model, dict(batch), num_items_in_batch=num_items)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_the_shared_prompt_beginning_once_per_batch_gives_the_same_loss_and_gradients():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.training.train import shared_prefix
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(0, 64, (3, 12))
+    ids[:, :6] = ids[0, :6]
+    mask = torch.ones_like(ids)
+    mask[2, 10:] = 0
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 8:], labels[1, 7:10], labels[2, 8:10] = ids[0, 8:], ids[1, 7:10], ids[2, 8:10]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert shared_prefix(ids, mask, labels) == 5, "six tokens in common, the sixth computed with the rest"
+    for num_items in (None, torch.tensor(20)):
+        once, once_grads = _loss_and_grads(model, batch, True, num_items)
+        every, every_grads = _loss_and_grads(model, batch, False, num_items)
+        assert torch.allclose(once, every) and once_grads.keys() == every_grads.keys()
+        assert all(torch.allclose(once_grads[n], every_grads[n], atol=1e-6) for n in every_grads)
+    assert torch.allclose(once, model(input_ids=ids, attention_mask=mask, labels=labels).loss * 9 / 20), "9 answer tokens"
+
+
+def test_the_shared_beginning_stops_before_the_first_answer_and_at_padding():
+    import torch
+
+    from distill.training.train import shared_prefix
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8]])
+    mask, none = torch.ones_like(ids), torch.full_like(ids, IGNORE_INDEX)
+    assert shared_prefix(ids, mask, none) == 3, "four in common: the last of them is computed with the rest"
+    answer_at_3 = none.clone()
+    answer_at_3[1, 3:] = ids[1, 3:]
+    assert shared_prefix(ids, mask, answer_at_3) == 2, "the logit before the first answer token is kept"
+    padded = mask.clone()
+    padded[0, 3:] = 0
+    assert shared_prefix(ids, padded, none) == 2
+    assert shared_prefix(ids[:1], mask[:1], none[:1]) == 0, "one example: nothing to share"
+    assert shared_prefix(torch.tensor([[1, 2, 9, 4], [1, 3, 9, 4]]), mask[:, :4], none[:, :4]) == 0, "too short"
+
+
+def test_sharing_the_prompt_beginning_trains_the_real_base_exactly_as_before(base_folder, tokenizer):
+    """SmolLM2 with peft LoRA layers and two real chat-template examples: the same loss and LoRA gradients."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from distill.base import resolve_base
+    from distill.training.train import load_lora_model, shared_prefix
+
+    encoder = ChatEncoder(tokenizer)
+    examples = [encoder.encode([{"role": "system", "content": APP_PROMPT}, {"role": "user", "content": text}], answer)
+                for text, answer in (("Where is my new card?", '{"intent": "card_arrival"}'),
+                                     ("I was charged twice for one coffee", '{"intent": "transaction_charged_twice"}'))]
+    batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(examples)
+    prompt = len(tokenizer(APP_PROMPT)["input_ids"])
+    assert shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"]) > prompt
+    model = load_lora_model(resolve_base(str(base_folder)), TrainConfig(path=PATH, lora_layers=3))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # B starts at 0, which would leave every A gradient 0 in both settings
+            torch.nn.init.normal_(weight, std=0.02)
+    once, once_grads = _loss_and_grads(model, batch, True)
+    every, every_grads = _loss_and_grads(model, batch, False)
+    assert len(every_grads) == 3 * 7 * 2, "LoRA A and B of the 7 linear layers in each of the 3 upper layers"
+    assert torch.allclose(once, every, rtol=1e-4)
+    assert all(torch.allclose(once_grads[n], every_grads[n], rtol=1e-3, atol=1e-5) for n in every_grads)
+
+
 def test_a_hopeless_bf16_warm_up_ends_the_speed_measurement():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
