@@ -288,7 +288,8 @@ def test_the_shared_prompt_beginning_once_per_batch_gives_the_same_loss_and_grad
         every, every_grads = _loss_and_grads(model, batch, False, num_items)
         assert torch.allclose(once, every) and once_grads.keys() == every_grads.keys()
         assert all(torch.allclose(once_grads[n], every_grads[n], atol=1e-6) for n in every_grads)
-    assert torch.allclose(once, model(input_ids=ids, attention_mask=mask, labels=labels).loss * 9 / 20), "9 answer tokens"
+    full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert torch.allclose(once, full * 9 / 20), "the full model's mean over 9 answer tokens, summed over 20"
 
 
 def test_the_shared_beginning_stops_before_the_first_answer_and_at_padding():
