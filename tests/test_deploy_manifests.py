@@ -4,6 +4,7 @@ the Prometheus configs through promtool, and the embedded gateway TOML through a
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,42 @@ def test_compose_cpu_vllm_takes_its_dtype_from_the_environment():
 
     assert dtype({}) == "auto"  # vLLM's own choice unless told
     assert dtype({"VLLM_DTYPE": "float32"}) == "float32"
+
+
+def cpu_image() -> tuple[Path, str]:
+    """The vllm-cpu image's build context and its Dockerfile as Docker receives it (``$$`` unescaped)."""
+    build = yaml.safe_load(compose("config", "--format", "json").stdout)["services"]["vllm-cpu"]["build"]
+    return Path(build["context"]), build["dockerfile_inline"].replace("$$", "$")
+
+
+def dockerfile_instruction(dockerfile: str, name: str) -> str:
+    return next(line.removeprefix(name + " ") for line in dockerfile.splitlines() if line.startswith(name + " "))
+
+
+def test_compose_cpu_image_installs_the_grouped_lora_plugin_from_its_build_context():
+    context, dockerfile = cpu_image()
+    *sources, _destination = dockerfile_instruction(dockerfile, "COPY").split()
+    assert sources and all((context / source).is_file() for source in sources)
+    assert "vllm.general_plugins" in (context / "pyproject.toml").read_text()  # how vLLM finds the plugin
+    assert "libiomp5.so" in dockerfile_instruction(dockerfile, "ENV")
+
+
+@pytest.mark.parametrize(("cores", "reserved", "expected"),
+                         [("2", None, "0"), ("4", None, "0"), ("8", None, "unset"), ("2", "1", "1")])
+def test_compose_cpu_image_keeps_no_core_back_on_a_small_machine(tmp_path, cores, reserved, expected):
+    """The image's entrypoint, run with stand-ins for `nproc` and `python` that print what they are given."""
+    entrypoint = json.loads(dockerfile_instruction(cpu_image()[1], "ENTRYPOINT"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nproc").write_text(f"#!/bin/sh\necho {cores}\n")
+    (bin_dir / "python").write_text('#!/bin/sh\necho "reserved=${VLLM_CPU_NUM_OF_RESERVED_CPU-unset}"\n'
+                                    'printf "%s\\n" "$@"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"} | ({"VLLM_CPU_NUM_OF_RESERVED_CPU": reserved} if reserved else {})
+    args = ["--model", "/models/base", "--served-model-name", "base model"]
+    result = subprocess.run(entrypoint + args, env=env, capture_output=True, text=True, timeout=30, check=True)
+    assert result.stdout.splitlines() == [f"reserved={expected}", "-m", "vllm.entrypoints.openai.api_server", *args]
 
 
 def embedded_tomls() -> dict[str, str]:
