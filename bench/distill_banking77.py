@@ -550,7 +550,8 @@ def parse(argv: list[str]):
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--schedule", default="linear")
     p.add_argument("--epochs", type=float, default=2.0,
-                   help="2 (with all layers and lr 2e-3): 92.4%% agreement in 30 minutes on 2 avx512_bf16 cores, 93.2%% after 3 in 49 (bench/RESULTS-distill.md)")
+                   help="2 (all layers, lr 2e-3): 92.4%% agreement in 30 minutes on 2 avx512_bf16 cores, "
+                        "93.2%% after 3 in 49 (bench/RESULTS-distill.md)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accumulation", type=int, default=1)
