@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from arbitrage.config import load_config
+from deploy.vllm import SMALL_MACHINE_CPUS
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -83,6 +84,13 @@ def compose(*args: str, file: Path = DEPLOY / "compose.yaml", env: dict[str, str
                           check=False)
 
 
+def rendered_services(env: dict[str, str] | None = None) -> dict:
+    """The compose file's services as docker-compose renders them (variables and ``$$`` resolved by it)."""
+    result = compose("config", "--format", "json", env=env)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["services"]
+
+
 def test_compose_file_is_valid_for_docker_compose():
     result = compose("config", "--quiet")
     assert result.returncode == 0, result.stderr
@@ -95,7 +103,7 @@ def test_docker_compose_rejects_a_broken_file(tmp_path):
 
 
 def test_compose_services_and_grafana_provisioning():
-    services = yaml.safe_load(compose("config", "--format", "json").stdout)["services"]
+    services = rendered_services()
     assert {"gateway", "vllm-gpu", "vllm-cpu", "prometheus", "grafana"} <= services.keys()
     assert services["vllm-gpu"]["profiles"] == ["gpu"] and services["vllm-cpu"]["profiles"] == ["cpu"]
     mounts = {v["target"]: Path(v["source"]) for v in services["grafana"]["volumes"] if v["type"] == "bind"}
@@ -106,9 +114,7 @@ def test_compose_services_and_grafana_provisioning():
 
 def test_compose_cpu_vllm_takes_its_dtype_from_the_environment():
     def dtype(env: dict[str, str]) -> str:
-        result = compose("config", "--format", "json", env=env)
-        assert result.returncode == 0, result.stderr
-        command = yaml.safe_load(result.stdout)["services"]["vllm-cpu"]["command"]
+        command = rendered_services(env)["vllm-cpu"]["command"]
         return command[command.index("--dtype") + 1]
 
     assert dtype({}) == "auto"  # vLLM's own choice unless told
@@ -117,7 +123,7 @@ def test_compose_cpu_vllm_takes_its_dtype_from_the_environment():
 
 def cpu_image() -> tuple[Path, str]:
     """The vllm-cpu image's build context and its Dockerfile as Docker receives it (``$$`` unescaped)."""
-    build = yaml.safe_load(compose("config", "--format", "json").stdout)["services"]["vllm-cpu"]["build"]
+    build = rendered_services()["vllm-cpu"]["build"]
     return Path(build["context"]), build["dockerfile_inline"].replace("$$", "$")
 
 
@@ -134,9 +140,11 @@ def test_compose_cpu_image_installs_the_grouped_lora_plugin_from_its_build_conte
 
 
 @pytest.mark.parametrize(("cores", "reserved", "expected"),
-                         [("2", None, "0"), ("4", None, "0"), ("8", None, "unset"), ("2", "1", "1")])
+                         [("2", None, "0"), (str(SMALL_MACHINE_CPUS), None, "0"),
+                          (str(SMALL_MACHINE_CPUS + 1), None, "unset"), ("2", "1", "1")])
 def test_compose_cpu_image_keeps_no_core_back_on_a_small_machine(tmp_path, cores, reserved, expected):
-    """The image's entrypoint, run with stand-ins for `nproc` and `python` that print what they are given."""
+    """The image's entrypoint, run with stand-ins for `nproc` and `python` that print what they are given;
+    the same rule as `arbitrage local up` (deploy/vllm.py's SMALL_MACHINE_CPUS)."""
     entrypoint = json.loads(dockerfile_instruction(cpu_image()[1], "ENTRYPOINT"))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
