@@ -336,17 +336,20 @@ def test_sharing_the_prompt_beginning_trains_the_real_base_exactly_as_before(bas
     assert all(torch.allclose(once_grads[n], every_grads[n], rtol=1e-3, atol=1e-5) for n in every_grads)
 
 
-def test_a_hopeless_bf16_warm_up_ends_the_speed_measurement():
+def test_the_speed_measurement_alternates_fp32_and_bf16_and_a_hopeless_bf16_warm_up_ends_it(monkeypatch):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from distill.training.train import measure_speed
+    from distill.training import train as training
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
     calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
-    assert measure_speed(model, bf16=False) > 0 and len(calls) == 3, "a warm-up step, then the best of two"
+    model.register_forward_hook(lambda *_: calls.append("bf16" if torch.is_autocast_enabled("cpu") else "fp32"))
+    speeds = training.measure_speeds(model)
+    assert calls == ["fp32", "bf16"] * 3, "a warm-up step of each, then two alternating rounds"
+    assert set(speeds) == {"fp32", "bf16"} and min(speeds.values()) > 0
     calls.clear()
-    assert measure_speed(model, bf16=True, give_up_s=0.0) > 0 and len(calls) == 1, "the warm-up alone"
+    monkeypatch.setattr(training, "HOPELESS", 0.0)
+    assert min(training.measure_speeds(model).values()) > 0 and calls == ["fp32", "bf16"], "the warm-ups alone"
     assert all(p.grad is None for p in model.parameters()) and not torch.is_autocast_enabled("cpu")

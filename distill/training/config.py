@@ -62,8 +62,8 @@ class TrainConfig(DocumentedFields):
     max_seq_len: int = _help("Longest example in tokens (prompt + answer); longer examples are left out and "
                              "counted in the manifest, never cut.", default=512)
     bf16: Literal["auto", "on", "off"] = _help(
-        "bfloat16 autocast on the CPU: 'auto' measures fp32 and bf16 training speed once per machine and "
-        "base model (cached beside the base models) and uses the faster.", default="auto")
+        "bfloat16 autocast on the CPU: 'auto' measures fp32 and bf16 training speed (alternating) once per "
+        "machine, base model and LoRA layout (cached beside the base models) and uses the faster.", default="auto")
     eval_steps: int = _help("Evaluate on the eval split every this many optimizer steps (and at the end).",
                             default=50)
     max_eval_examples: int = _help("Evaluate on at most this many eval examples (the split's first ones).",

@@ -256,42 +256,52 @@ def choose_precision(cfg: TrainConfig, model, base: BaseModel, cache_file: Path)
     """bf16 autocast on or off: as configured, or ('auto') whichever trains faster on this machine."""
     if cfg.bf16 != "auto":
         return {"bf16": cfg.bf16 == "on", "setting": cfg.bf16}
-    key = _machine_key(base)
+    key = _speed_key(base, cfg)
     cache = _read_json(cache_file)
     if key not in cache:
-        fp32 = measure_speed(model, bf16=False)
-        bf16 = measure_speed(model, bf16=True, give_up_s=HOPELESS * SPEED_BATCH[0] * SPEED_BATCH[1] / fp32)
-        cache[key] = {"tokens_per_s": {"fp32": round(fp32, 1), "bf16": round(bf16, 1)},
+        speeds = measure_speeds(model)
+        cache[key] = {"tokens_per_s": {name: round(value, 1) for name, value in speeds.items()},
                       "batch": list(SPEED_BATCH), "measured_at": datetime.now(UTC).isoformat()}
         write_json(cache_file, cache)
     speed = cache[key]["tokens_per_s"]
     return {"bf16": speed["bf16"] > speed["fp32"], "setting": "auto", "measured": cache[key], "machine": key}
 
 
-def measure_speed(model, bf16: bool, steps: int = 2, give_up_s: float | None = None) -> float:
-    """Training tokens/s (forward and backward, no update) on a random batch; the best of ``steps``
-    after a warm-up step. A warm-up longer than ``give_up_s`` ends the measurement with its own speed."""
+def measure_speeds(model, rounds: int = 2) -> dict[str, float]:
+    """Training tokens/s (forward and backward, no update) on a random batch in fp32 and in bf16 autocast:
+    a warm-up step of each, then ``rounds`` rounds of one step of each, alternating so that a busy
+    neighbour slows both alike; the best step of each. A bf16 warm-up ``HOPELESS`` times longer than the
+    fp32 one ends the measurement with the warm-up speeds."""
     import torch
+
+    def step(bf16: bool) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return time.perf_counter() - start
 
     with torch.random.fork_rng():
         ids = torch.randint(0, model.config.vocab_size, SPEED_BATCH)
-        times = []
-        for _ in range(steps + 1):
-            start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            times.append(time.perf_counter() - start)
-            if give_up_s is not None and times[0] > give_up_s:
-                break
+        warm = {"fp32": step(False), "bf16": step(True)}
+        times = {"fp32": [], "bf16": []}
+        if warm["bf16"] <= HOPELESS * warm["fp32"]:
+            for _ in range(rounds):
+                for name in ("fp32", "bf16"):
+                    times[name].append(step(name == "bf16"))
         model.zero_grad(set_to_none=True)
-    return SPEED_BATCH[0] * SPEED_BATCH[1] / min(times[1:] or times)
+    tokens = SPEED_BATCH[0] * SPEED_BATCH[1]
+    return {name: tokens / min(times[name] or [warm[name]]) for name in times}
 
 
-def _machine_key(base: BaseModel) -> str:
+def _speed_key(base: BaseModel, cfg: TrainConfig) -> str:
+    """What the measured speeds depend on: the machine, torch, the base model and the LoRA layout (which layers
+    the backward pass reaches)."""
     import torch
 
-    return f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {base.location}"
+    layers = "all layers" if cfg.lora_layers is None else f"last {cfg.lora_layers} layers"
+    return (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {base.location} | "
+            f"LoRA r{cfg.lora_rank} on {','.join(cfg.target_modules)}, {layers}")
 
 
 def final_eval_loss(trainer) -> float | None:
