@@ -252,7 +252,7 @@ def recipe_args(args, max_steps: int | None = None) -> list[str]:
                "--batch-size", str(args.batch_size), "--grad-accumulation", str(args.grad_accumulation),
                "--max-seq-len", str(args.max_seq_len), "--bf16", args.bf16,
                "--eval-steps", "100000", "--max-eval-examples", str(args.train_eval_examples),
-               "--save-steps", str(args.save_steps), "--logging-steps", "10"]
+               "--save-steps", str(args.save_steps), "--logging-steps", "10", "--seed", str(args.seed)]
     if args.lora_alpha:
         options += ["--lora-alpha", str(args.lora_alpha)]
     if args.lora_layers:
@@ -554,6 +554,7 @@ def parse(argv: list[str]):
                         "93.2%% after 3 in 49 (bench/RESULTS-distill.md)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of LoRA initialisation and shuffling")
     p.add_argument("--grad-accumulation", type=int, default=1)
     p.add_argument("--max-seq-len", type=int, default=128)
     p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],

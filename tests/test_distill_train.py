@@ -150,6 +150,7 @@ def test_bf16_choice_is_measured_and_recorded(trained):
     precision = trained[1]["precision"]
     speed = precision["measured"]["tokens_per_s"]
     assert precision["setting"] == "auto" and precision["bf16"] == (speed["bf16"] > speed["fp32"])
+    assert ("frozen_linear_weights" in precision) == precision["bf16"]
 
 
 def test_adapter_loads_onto_the_base_with_trained_lora_weights(trained, base_folder):
@@ -334,6 +335,38 @@ def test_sharing_the_prompt_beginning_trains_the_real_base_exactly_as_before(bas
     assert len(every_grads) == 3 * 7 * 2, "LoRA A and B of the 7 linear layers in each of the 3 upper layers"
     assert torch.allclose(once, every, rtol=1e-4)
     assert all(torch.allclose(once_grads[n], every_grads[n], rtol=1e-3, atol=1e-5) for n in every_grads)
+
+
+def test_frozen_linear_weights_in_bf16_train_exactly_as_bf16_autocast_did(base_folder, tokenizer):
+    """The real base with LoRA: the same loss and LoRA gradients under autocast whether the frozen weights are
+    cast on every pass or stored in bfloat16; embeddings, norms and the LoRA weights stay float32."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from distill.base import resolve_base
+    from distill.training.train import load_lora_model, store_frozen_linears_in_bf16
+
+    encoder = ChatEncoder(tokenizer)
+    examples = [encoder.encode([{"role": "system", "content": SHORT_PROMPT}, {"role": "user", "content": text}], answer)
+                for text, answer in (("Where is my new card?", '{"intent": "card_arrival"}'),
+                                     ("I was charged twice for one coffee", '{"intent": "transaction_charged_twice"}'))]
+    batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(examples)
+    model = load_lora_model(resolve_base(str(base_folder)), TrainConfig(path=PATH, lora_layers=3))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.02)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, cast_grads = _loss_and_grads(model, batch, True)
+        layers = model.config.num_hidden_layers
+        assert store_frozen_linears_in_bf16(model) == 7 * layers, "every decoder linear layer, not the output head"
+        stored, stored_grads = _loss_and_grads(model, batch, True)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.model.layers.29.mlp.up_proj.base_layer.weight"] == torch.bfloat16
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "norm" in n or "embed" in n)
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    assert len(stored_grads) == 3 * 7 * 2 and torch.equal(cast, stored)
+    assert all(torch.allclose(cast_grads[n], stored_grads[n], rtol=1e-5, atol=1e-7) for n in cast_grads)
 
 
 def test_the_speed_measurement_alternates_fp32_and_bf16_and_a_hopeless_bf16_warm_up_ends_it(monkeypatch):
