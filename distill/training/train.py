@@ -310,9 +310,10 @@ def store_frozen_linears_in_bf16(model) -> int:
     """Keep the frozen weights of the linear layers in bfloat16 (for bf16 autocast); returns how many.
 
     Autocast would cast each of them to bfloat16 on every forward pass (it caches casts only of weights that
-    train), so the matmuls see the same numbers either way: the loss and gradients do not change, and a step
-    skips converting about 100M weights (1.08-1.10x the tokens/s on a 2-core avx512_bf16 EPYC,
-    bench/RESULTS-distill.md). The LoRA weights stay float32 for the optimizer, and so do the embeddings and the
+    train), so the matmuls see the same numbers either way: the loss and gradients do not change, a step
+    skips converting about 100M weights, and the weights take half the memory. The speed gain is small:
+    1.03x side by side on a 2-core avx512_bf16 EPYC (bench/bf16_weights_speed.py), within the noise of a
+    whole run. The LoRA weights stay float32 for the optimizer, and so do the embeddings and the
     output head (tied to the embeddings in SmolLM2) and the norms, which autocast does not cast: the residual
     stream stays float32.
     """
