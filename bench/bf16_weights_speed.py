@@ -15,13 +15,11 @@ Results: bench/RESULTS-distill.md ("Frozen weights stored in bf16").
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_prefix_speed import batches  # noqa: E402 (puts the project on sys.path)
+from shared_prefix_speed import batches, race  # noqa: E402 (puts the project on sys.path)
 
 SETTINGS = ("cast on every pass", "stored in bf16")
 
@@ -63,25 +61,16 @@ def main(argv: list[str]) -> int:
         losses = [float(trainer.compute_loss(m, dict(data[0]))) for m, _ in steppers.values()]
     print(f"first-batch loss: {losses}", flush=True)
 
-    speeds: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    order = list(SETTINGS)
-    for round_ in range(args.rounds):
-        for name in order:
-            model, optimizer = steppers[name]
-            tokens, started = 0, time.perf_counter()
-            for batch in data:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    loss = trainer.compute_loss(model, dict(batch))
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                tokens += int(batch["attention_mask"].sum())
-            speeds[name].append(tokens / (time.perf_counter() - started))
-            print(f"round {round_ + 1} {name}: {speeds[name][-1]:.0f} tokens/s", flush=True)
-        order.reverse()
-    medians = {name: statistics.median(values[1:] or values) for name, values in speeds.items()}
-    for name, value in medians.items():
-        print(f"{name:20s} rounds {[round(v) for v in speeds[name]]} median {value:.0f} tokens/s")
+    def step(model, optimizer):
+        def one(batch: dict) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = trainer.compute_loss(model, dict(batch))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return one
+
+    medians = race({name: step(*stepper) for name, stepper in steppers.items()}, data, args.rounds)
     print(f"ratio stored / cast: {medians['stored in bf16'] / medians['cast on every pass']:.2f}x")
     return 0
 

@@ -8,8 +8,8 @@ could ask for), then reports, for each signal, the share of answers servable at 
 with the teacher (the coverage `distill eval` reports) and the AUROC of correct against wrong.
 
 Signals (p1: the chosen token's probability, p2: the best other token's, per position):
-- joint: p1 multiplied over the answer (the product's default);
-- min: the smallest p1;
+- joint: p1 multiplied over the answer (the router's scorer, the product's default);
+- min: the smallest p1 (the router's scorer);
 - margin: the smallest p1 - p2;
 - ratio: p1 / (p1 + p2) multiplied over the answer (a two-way choice at each position).
 
@@ -38,12 +38,13 @@ TOP = 5
 
 def signals_of(tokens: list[dict]) -> dict[str, float]:
     """Every signal of one answer from its tokens' log-probs and top alternatives (0 without tokens)."""
+    from router.confidence import score
+
     if not tokens:
         return {name: 0.0 for name in ("joint", "min", "margin", "ratio")}
-    chosen = [min(0.0, t["logprob"]) for t in tokens]
     seconds = [second_prob(t) for t in tokens]
-    probs = [math.exp(lp) for lp in chosen]
-    return {"joint": math.exp(math.fsum(chosen)), "min": min(probs),
+    probs = [math.exp(min(0.0, t["logprob"])) for t in tokens]
+    return {"joint": score(tokens, "joint"), "min": score(tokens, "min"),
             "margin": max(0.0, min(p - q for p, q in zip(probs, seconds))),
             "ratio": math.prod(p / (p + q) for p, q in zip(probs, seconds))}
 

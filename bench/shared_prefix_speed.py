@@ -21,6 +21,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,6 +56,26 @@ def batches(args, tokenizer) -> list[dict]:
     return [collate(examples[i:i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
 
 
+def race(steps: dict[str, Callable[[dict], None]], data: list[dict], rounds: int) -> dict[str, float]:
+    """Training tokens/s of each setting's step over ``data``: rounds alternate the settings and flip their
+    order each round; prints every round; returns the median of rounds 2 on (round 1 warms up)."""
+    speeds: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    for round_ in range(rounds):
+        for name in order:
+            tokens, started = 0, time.perf_counter()
+            for batch in data:
+                steps[name](batch)
+                tokens += int(batch["attention_mask"].sum())
+            speeds[name].append(tokens / (time.perf_counter() - started))
+            print(f"round {round_ + 1} {name}: {speeds[name][-1]:.0f} tokens/s", flush=True)
+        order.reverse()
+    medians = {name: statistics.median(values[1:] or values) for name, values in speeds.items()}
+    for name, value in medians.items():
+        print(f"{name:20s} rounds {[round(v) for v in speeds[name]]} median {value:.0f} tokens/s")
+    return medians
+
+
 def main(argv: list[str]) -> int:
     import torch
     from transformers import Trainer
@@ -85,23 +106,14 @@ def main(argv: list[str]) -> int:
         losses = [float(t.compute_loss(m, dict(first))) for m, t, _ in steppers.values()]
     print(f"first-batch loss: {losses}, largest difference {max(losses) - min(losses):.2e}", flush=True)
 
-    speeds: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    order = list(SETTINGS)
-    for round_ in range(args.rounds):
-        for name in order:
-            model, trainer, optimizer = steppers[name]
-            tokens, started = 0, time.perf_counter()
-            for batch in data:
-                trainer.compute_loss(model, dict(batch)).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                tokens += int(batch["attention_mask"].sum())
-            speeds[name].append(tokens / (time.perf_counter() - started))
-            print(f"round {round_ + 1} {name}: {speeds[name][-1]:.0f} tokens/s", flush=True)
-        order.reverse()
-    medians = {name: statistics.median(values[1:] or values) for name, values in speeds.items()}
-    for name, value in medians.items():
-        print(f"{name:18s} rounds {[round(v) for v in speeds[name]]} median {value:.0f} tokens/s")
+    def step(model, trainer, optimizer):
+        def one(batch: dict) -> None:
+            trainer.compute_loss(model, dict(batch)).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return one
+
+    medians = race({name: step(*stepper) for name, stepper in steppers.items()}, data, args.rounds)
     print(f"ratio once per batch / once per example: {medians['once per batch'] / medians['once per example']:.2f}x")
     return 0
 
