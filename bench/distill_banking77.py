@@ -255,6 +255,8 @@ def recipe_args(args, max_steps: int | None = None) -> list[str]:
                "--save-steps", str(args.save_steps), "--logging-steps", "10", "--seed", str(args.seed)]
     if args.lora_alpha:
         options += ["--lora-alpha", str(args.lora_alpha)]
+    if args.loraplus_ratio:
+        options += ["--loraplus-ratio", str(args.loraplus_ratio)]
     if args.lora_layers:
         options += ["--lora-layers", str(args.lora_layers)]
     max_steps = max_steps or args.max_steps
@@ -547,6 +549,7 @@ def parse(argv: list[str]):
     p.add_argument("--lora-alpha", type=float, help="[2 x rank]")
     p.add_argument("--lora-layers", type=int, help="LoRA in the last N decoder layers only [all]")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--loraplus-ratio", type=float, help="LoRA+: B matrices at this many times --lr [plain LoRA]")
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--schedule", default="linear")
     p.add_argument("--epochs", type=float, default=2.0,

@@ -53,6 +53,7 @@ def base(models_dir) -> None:
 @field_option(TrainConfig, "--batch-size", field="batch_size", type=int)
 @field_option(TrainConfig, "--grad-accumulation", field="grad_accumulation", type=int)
 @field_option(TrainConfig, "--lr", field="learning_rate", type=float)
+@field_option(TrainConfig, "--loraplus-ratio", field="loraplus_ratio", type=float)
 @field_option(TrainConfig, "--lr-schedule", field="lr_schedule", type=click.Choice(SCHEDULES))
 @field_option(TrainConfig, "--warmup-ratio", field="warmup_ratio", type=float)
 @field_option(TrainConfig, "--weight-decay", field="weight_decay", type=float)

@@ -127,7 +127,7 @@ def test_drop_system_prompt_trains_with_the_short_one(tmp_path, tokenizer):
     ({"max_steps": 0}, "--max-steps"), ({"epochs": 0}, "--epochs"), ({"lora_dropout": 1.0}, "--lora-dropout"),
     ({"dataset_version": "latest"}, "--dataset-version"), ({"short_system_prompt": "x"}, "--drop-system-prompt"),
     ({"target_modules": ("all-linear", "q_proj")}, "all-linear"), ({"path": "../up"}, "call path"),
-    ({"lora_layers": 0}, "--lora-layers"),
+    ({"lora_layers": 0}, "--lora-layers"), ({"loraplus_ratio": 0.5}, "--loraplus-ratio"),
 ])
 def test_bad_config_values_raise(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -160,6 +160,22 @@ def test_adapter_loads_onto_the_base_with_trained_lora_weights(trained, base_fol
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), trained[0])
     lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
     assert len(lora_b) == 30 * 7 and all(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_loraplus_moves_the_b_matrices_ratio_times_faster(tmp_path, models_dir, base_folder):
+    """Adam's first step moves a weight by its learning rate at most (exactly, unless its gradient is near
+    Adam's epsilon), and LoRA's B matrices start at zero: after one step every B matrix's largest weight is
+    lr x ratio (it would be lr without LoRA+)."""
+    from safetensors.torch import load_file
+
+    write_version(tmp_path)
+    lr, ratio = 1e-3, 16.0
+    result = run_train(tmp_path, models_dir, max_steps=1, learning_rate=lr, loraplus_ratio=ratio,
+                       lr_schedule="constant", warmup_ratio=0.0)
+    weights = load_file(result.folder / "adapter_model.safetensors")
+    largest = [float(w.abs().max()) for name, w in weights.items() if "lora_B" in name]
+    assert len(largest) == 30 * 7 and all(m == pytest.approx(lr * ratio, rel=1e-3) for m in largest)
+    assert TrainConfig.load(result.folder / "train_config.json").loraplus_ratio == ratio
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, models_dir, base_folder):

@@ -50,6 +50,10 @@ class TrainConfig(DocumentedFields):
         "AVX2-only CPU: 1.55x the tokens/s at 15 of SmolLM2's 30 layers, 1.79x at 10) [default: every layer].",
         default=None)
     learning_rate: float = _help("Peak learning rate (AdamW).", default=5e-4)
+    loraplus_ratio: float | None = _help(
+        "LoRA+: the B matrices learn this many times faster than --lr, which the A matrices keep "
+        "(peft's create_loraplus_optimizer; the paper suggests 16 with a --lr about half of plain LoRA's) "
+        "[default: plain LoRA, one learning rate].", default=None)
     lr_schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = _help(
         "Learning-rate schedule after the warm-up.", default="linear")
     warmup_ratio: float = _help("Share of the steps spent warming the learning rate up from 0.", default=0.1)
@@ -97,6 +101,7 @@ class TrainConfig(DocumentedFields):
             (0 <= self.lora_dropout < 1, "--lora-dropout must be at least 0 and less than 1"),
             (self.lora_layers is None or self.lora_layers >= 1, "--lora-layers must be at least 1"),
             (0 < self.learning_rate < 1, "--lr must be more than 0 and less than 1"),
+            (self.loraplus_ratio is None or self.loraplus_ratio >= 1, "--loraplus-ratio must be at least 1"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be at least 0 and less than 1"),
             (self.weight_decay >= 0, "--weight-decay must be at least 0"),
             (self.epochs > 0, "--epochs must be more than 0"),

@@ -362,9 +362,21 @@ def make_trainer(model, tokenizer, splits: dict[str, EncodedSplit], cfg: TrainCo
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     trainer = answer_only_trainer(Trainer)(model=model, args=args, train_dataset=splits["train"].examples,
                       eval_dataset=eval_examples or None, data_collator=collator, processing_class=tokenizer,
-                      callbacks=callbacks)
+                      callbacks=callbacks, optimizers=(loraplus_optimizer(model, cfg), None))
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def loraplus_optimizer(model, cfg: TrainConfig):
+    """AdamW with LoRA+'s two learning rates (B matrices at ``cfg.loraplus_ratio`` times A's), or None for the
+    Trainer's own AdamW at one learning rate. The Trainer's schedule scales both alike."""
+    if cfg.loraplus_ratio is None:
+        return None
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=cfg.learning_rate,
+                                     loraplus_lr_ratio=cfg.loraplus_ratio, loraplus_weight_decay=cfg.weight_decay)
 
 
 def answer_only_trainer(trainer_class, share_prefix: bool = True):
