@@ -178,7 +178,7 @@ def test_loraplus_moves_the_b_matrices_ratio_times_faster(tmp_path, models_dir, 
     assert TrainConfig.load(result.folder / "train_config.json").loraplus_ratio == ratio
 
 
-def test_an_interrupted_loraplus_run_resumes_with_its_optimizer_and_keeps_its_ratio(tmp_path, models_dir, base_folder):
+def test_an_interrupted_loraplus_run_resumes_and_keeps_its_ratio(tmp_path, models_dir, base_folder):
     write_version(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_train(tmp_path, models_dir, [InterruptAfterSave(step=1)], max_steps=2, save_steps=1, loraplus_ratio=16.0)
