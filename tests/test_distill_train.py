@@ -151,6 +151,7 @@ def test_bf16_choice_is_measured_and_recorded(trained):
     speed = precision["measured"]["tokens_per_s"]
     assert precision["setting"] == "auto" and precision["bf16"] == (speed["bf16"] > speed["fp32"])
     assert ("frozen_linear_weights" in precision) == precision["bf16"]
+    assert precision["attention"] == ("eager" if precision["bf16"] else "sdpa")
 
 
 def test_adapter_loads_onto_the_base_with_trained_lora_weights(trained, base_folder):
@@ -363,6 +364,35 @@ def test_sharing_the_prompt_beginning_trains_the_real_base_exactly_as_before(bas
     assert all(torch.allclose(once_grads[n], every_grads[n], rtol=1e-3, atol=1e-5) for n in every_grads)
 
 
+def test_eager_attention_trains_the_real_base_exactly_as_sdpa_did(base_folder, tokenizer):
+    """What bf16 training switches to: the same loss and LoRA gradients as PyTorch's fused attention, with a
+    padded example and the shared prompt beginning's cache (compared in float32, where they are exact)."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from distill.base import resolve_base
+    from distill.training.train import load_lora_model, set_attention, shared_prefix
+
+    encoder = ChatEncoder(tokenizer)
+    examples = [encoder.encode([{"role": "system", "content": SHORT_PROMPT}, {"role": "user", "content": text}], answer)
+                for text, answer in (("Where is my new card?", '{"intent": "card_arrival"}'),
+                                     ("I was charged twice for one coffee", '{"intent": "transaction_charged_twice"}'))]
+    batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(examples)
+    assert not batch["attention_mask"].all() and shared_prefix(batch["input_ids"], batch["attention_mask"],
+                                                              batch["labels"]) > 0
+    model = load_lora_model(resolve_base(str(base_folder)), TrainConfig(path=PATH, lora_layers=3))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.02)
+    assert set_attention(model, bf16=False) == "sdpa", "the loaded attention stays in float32"
+    sdpa, sdpa_grads = _loss_and_grads(model, batch, True)
+    assert set_attention(model, bf16=True) == "eager"
+    eager, eager_grads = _loss_and_grads(model, batch, True)
+    assert set_attention(model, bf16=False, fp32_attention="sdpa") == "sdpa"
+    assert len(eager_grads) == 3 * 7 * 2 and torch.allclose(sdpa, eager, rtol=1e-5)
+    assert all(torch.allclose(sdpa_grads[n], eager_grads[n], rtol=1e-4, atol=1e-6) for n in sdpa_grads)
+
+
 def test_frozen_linear_weights_in_bf16_train_exactly_as_bf16_autocast_did(base_folder, tokenizer):
     """The real base with LoRA: the same loss and LoRA gradients under autocast whether the frozen weights are
     cast on every pass or stored in bfloat16; embeddings, norms and the LoRA weights stay float32."""
@@ -402,12 +432,15 @@ def test_the_speed_measurement_alternates_fp32_and_bf16_and_a_hopeless_bf16_warm
     from distill.training import train as training
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    calls = []
+                                         num_attention_heads=2, num_key_value_heads=1, attn_implementation="sdpa"))
+    calls, attention = [], []
     model.register_forward_hook(lambda *_: calls.append("bf16" if torch.is_autocast_enabled("cpu") else "fp32"))
+    model.register_forward_hook(lambda *_: attention.append(model.config._attn_implementation))
     speeds = training.measure_speeds(model)
     assert calls == ["fp32", "bf16"] * 3, "a warm-up step of each, then two alternating rounds"
+    assert attention == ["sdpa", "eager"] * 3, "each precision with the attention it would train with"
     assert set(speeds) == {"fp32", "bf16"} and min(speeds.values()) > 0
+    assert model.config._attn_implementation == "sdpa", "the loaded attention is back"
     calls.clear()
     monkeypatch.setattr(training, "HOPELESS", 0.0)
     assert min(training.measure_speeds(model).values()) > 0 and calls == ["fp32", "bf16"], "the warm-ups alone"

@@ -103,6 +103,7 @@ def train(cfg: TrainConfig, data_dir: Path, command: Sequence[str], *, resume: b
     precision = choose_precision(cfg, model, base, models_dir / SPEED_CACHE)
     if precision["bf16"]:
         precision["frozen_linear_weights"] = f"bfloat16 ({store_frozen_linears_in_bf16(model)} layers)"
+    precision["attention"] = set_attention(model, precision["bf16"])
     bar = TrainingProgress(enabled=progress)
     trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, *callbacks])
     output = trainer.train(resume_from_checkpoint=run.checkpoint)
@@ -273,10 +274,14 @@ def measure_speeds(model, rounds: int = 2) -> dict[str, float]:
     """Training tokens/s (forward and backward, no update) on a random batch in fp32 and in bf16 autocast:
     a warm-up step of each, then ``rounds`` rounds of one step of each, alternating so that a busy
     neighbour slows both alike; the best step of each. A bf16 warm-up ``HOPELESS`` times longer than the
-    fp32 one ends the measurement with the warm-up speeds."""
+    fp32 one ends the measurement with the warm-up speeds. Each precision runs with the attention
+    ``set_attention`` gives it."""
     import torch
 
+    loaded = attention_of(model)
+
     def step(bf16: bool) -> float:
+        set_attention(model, bf16, loaded)
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
@@ -292,18 +297,43 @@ def measure_speeds(model, rounds: int = 2) -> dict[str, float]:
                 for name in ("fp32", "bf16"):
                     times[name].append(step(name == "bf16"))
         model.zero_grad(set_to_none=True)
+    model.set_attn_implementation(loaded)
     tokens = SPEED_BATCH[0] * SPEED_BATCH[1]
     return {name: tokens / min(times[name] or [warm[name]]) for name in times}
 
 
 def _speed_key(base: BaseModel, cfg: TrainConfig) -> str:
-    """What the measured speeds depend on: the machine, torch, the base model and the LoRA layout (which layers
-    the backward pass reaches)."""
+    """What the measured speeds depend on: the machine, torch, the base model, the LoRA layout (which layers
+    the backward pass reaches) and the attention each precision runs with."""
     import torch
 
     layers = "all layers" if cfg.lora_layers is None else f"last {cfg.lora_layers} layers"
     return (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {base.location} | "
-            f"LoRA r{cfg.lora_rank} on {','.join(cfg.target_modules)}, {layers}")
+            f"LoRA r{cfg.lora_rank} on {','.join(cfg.target_modules)}, {layers} | bf16 with {BF16_ATTENTION} attention")
+
+
+BF16_ATTENTION = "eager"
+"""The attention under bf16 autocast: transformers' eager one (two matmuls and a softmax) rather than
+PyTorch's fused kernel (SDPA), whose bf16 path on a CPU is slow: a training step with the short prompt ran
+1.23x faster with eager attention, and with the app's long prompt 1.22x, on a 2-core avx512_bf16 EPYC;
+in float32 the two were level, 0.98x (bench/attention_speed.py). Eager attention keeps each layer's
+attention probabilities (batch x heads x queries x keys) for the backward pass, which the fused kernel does
+not: with the batch's shared prompt beginning computed once (``answer_only_trainer``), the queries are
+only the examples' own tokens."""
+
+
+def attention_of(model) -> str:
+    """The attention implementation the model runs with."""
+    return model.config._attn_implementation
+
+
+def set_attention(model, bf16: bool, fp32_attention: str | None = None) -> str:
+    """Switch the model to the attention that trains fastest in its precision (``BF16_ATTENTION`` under bf16,
+    ``fp32_attention`` or the loaded one in float32); returns it."""
+    wanted = BF16_ATTENTION if bf16 else (fp32_attention or attention_of(model))
+    if attention_of(model) != wanted:
+        model.set_attn_implementation(wanted)
+    return attention_of(model)
 
 
 def store_frozen_linears_in_bf16(model) -> int:
