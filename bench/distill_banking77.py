@@ -554,7 +554,8 @@ def parse(argv: list[str]):
     p.add_argument("--schedule", default="linear")
     p.add_argument("--epochs", type=float, default=2.0,
                    help="2 (all layers, lr 2e-3): 92.4%% agreement in 30 minutes on 2 avx512_bf16 cores, "
-                        "93.2%% after 3 in 49 (bench/RESULTS-distill.md)")
+                        "93.2%% after 3 in 49; with eager attention 2.4 fit in 28.7 minutes, at 92.5%% "
+                        "(bench/RESULTS-distill.md)")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of LoRA initialisation and shuffling")
