@@ -52,6 +52,14 @@ HOPELESS = 10
 """A bf16 warm-up step this many times longer than an fp32 step ends its measurement: on a CPU without
 bf16 instructions (an AVX2-only AMD EPYC) bf16 trained at 4.6 tokens/s against fp32's 128, and timing
 its three steps took over 5 minutes."""
+BF16_ATTENTION = "eager"
+"""The attention under bf16 autocast: transformers' eager one (two matmuls and a softmax) rather than
+PyTorch's fused kernel (SDPA), whose bf16 path on a CPU is slow: a training step with the short prompt ran
+1.23x faster with eager attention, and with the app's long prompt 1.22x, on a 2-core avx512_bf16 EPYC;
+in float32 the two were level, 0.98x (bench/attention_speed.py). Eager attention keeps each layer's
+attention probabilities (batch x heads x queries x keys) for the backward pass, which the fused kernel does
+not: with the batch's shared prompt beginning computed once (``answer_only_trainer``), the queries are
+only the examples' own tokens."""
 _PARTIAL = re.compile(r"v(\d+)\.partial")
 
 
@@ -297,7 +305,7 @@ def measure_speeds(model, rounds: int = 2) -> dict[str, float]:
                 for name in ("fp32", "bf16"):
                     times[name].append(step(name == "bf16"))
         model.zero_grad(set_to_none=True)
-    model.set_attn_implementation(loaded)
+    set_attention(model, False, loaded)
     tokens = SPEED_BATCH[0] * SPEED_BATCH[1]
     return {name: tokens / min(times[name] or [warm[name]]) for name in times}
 
@@ -310,16 +318,6 @@ def _speed_key(base: BaseModel, cfg: TrainConfig) -> str:
     layers = "all layers" if cfg.lora_layers is None else f"last {cfg.lora_layers} layers"
     return (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {base.location} | "
             f"LoRA r{cfg.lora_rank} on {','.join(cfg.target_modules)}, {layers} | bf16 with {BF16_ATTENTION} attention")
-
-
-BF16_ATTENTION = "eager"
-"""The attention under bf16 autocast: transformers' eager one (two matmuls and a softmax) rather than
-PyTorch's fused kernel (SDPA), whose bf16 path on a CPU is slow: a training step with the short prompt ran
-1.23x faster with eager attention, and with the app's long prompt 1.22x, on a 2-core avx512_bf16 EPYC;
-in float32 the two were level, 0.98x (bench/attention_speed.py). Eager attention keeps each layer's
-attention probabilities (batch x heads x queries x keys) for the backward pass, which the fused kernel does
-not: with the batch's shared prompt beginning computed once (``answer_only_trainer``), the queries are
-only the examples' own tokens."""
 
 
 def attention_of(model) -> str:
