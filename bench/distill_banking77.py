@@ -250,7 +250,7 @@ def recipe_args(args, max_steps: int | None = None) -> list[str]:
     options = ["--drop-system-prompt", "--short-system-prompt", args.short_prompt, "--rank", str(args.rank),
                "--lr", str(args.lr), "--warmup-ratio", str(args.warmup_ratio), "--lr-schedule", args.schedule,
                "--batch-size", str(args.batch_size), "--grad-accumulation", str(args.grad_accumulation),
-               "--max-seq-len", str(args.max_seq_len), "--bf16", args.bf16,
+               "--max-seq-len", str(args.max_seq_len), "--bf16", args.bf16, "--attention", args.attention,
                "--eval-steps", "100000", "--max-eval-examples", str(args.train_eval_examples),
                "--save-steps", str(args.save_steps), "--logging-steps", "10", "--seed", str(args.seed)]
     if args.lora_alpha:
@@ -564,6 +564,8 @@ def parse(argv: list[str]):
     p.add_argument("--bf16", default="auto", choices=["auto", "on", "off"],
                    help="bf16 autocast: 'auto' (the product's default) measures which trains faster here; on an "
                         "AVX2-only CPU without bf16 instructions, bf16 matmuls ran 6x slower than fp32 [auto]")
+    p.add_argument("--attention", default="auto", choices=["auto", "eager", "sdpa"],
+                   help="'auto' (the product's default): eager attention under bf16, 1.23x faster than SDPA")
     p.add_argument("--save-steps", type=int, help="checkpoint every N steps [200; 10 with --train-minutes]")
     p.add_argument("--train-minutes", type=float, help="stop training after this long and use its last checkpoint")
     p.add_argument("--train-eval-examples", type=int, default=200, help="eval-loss examples at the end of training")

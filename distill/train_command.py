@@ -12,7 +12,7 @@ import click
 from arbitrage.cli_options import CONFIG_OPTION, DATA_DIR_OPTION, field_option, friendly_errors
 from distill.base import CACHE_ENV, DEFAULT_BASE
 from distill.build_command import command_line
-from distill.training.config import SCHEDULES, TrainConfig
+from distill.training.config import ATTENTIONS, SCHEDULES, TrainConfig
 
 INTERRUPTED_EXIT = 130
 
@@ -64,6 +64,7 @@ def base(models_dir) -> None:
 @field_option(TrainConfig, "--lora-layers", field="lora_layers", type=int)
 @field_option(TrainConfig, "--max-seq-len", field="max_seq_len", type=int)
 @field_option(TrainConfig, "--bf16", field="bf16", type=click.Choice(["auto", "on", "off"]))
+@field_option(TrainConfig, "--attention", field="attention", type=click.Choice(ATTENTIONS))
 @field_option(TrainConfig, "--eval-steps", field="eval_steps", type=int)
 @field_option(TrainConfig, "--max-eval-examples", field="max_eval_examples", type=int)
 @field_option(TrainConfig, "--save-steps", field="save_steps", type=int)
@@ -105,6 +106,8 @@ def report(manifest: dict, folder) -> None:
                err=True)
     speed = f"{timing['tokens_per_s']:.0f} tokens/s" if timing["tokens_per_s"] else "no steps run"
     precision = "bf16 autocast" if manifest["precision"]["bf16"] else "float32"
+    if manifest["precision"].get("attention"):
+        precision += f", {manifest['precision']['attention']} attention"
     click.echo(f"{timing['tokens_trained']} tokens in {timing['train_seconds']:.1f} s of training ({speed}, "
                f"{precision}); {timing['wall_seconds']:.1f} s in all", err=True)
     click.echo(str(folder))

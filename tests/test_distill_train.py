@@ -128,6 +128,7 @@ def test_drop_system_prompt_trains_with_the_short_one(tmp_path, tokenizer):
     ({"dataset_version": "latest"}, "--dataset-version"), ({"short_system_prompt": "x"}, "--drop-system-prompt"),
     ({"target_modules": ("all-linear", "q_proj")}, "all-linear"), ({"path": "../up"}, "call path"),
     ({"lora_layers": 0}, "--lora-layers"), ({"loraplus_ratio": 0.5}, "--loraplus-ratio"),
+    ({"attention": "flash"}, "--attention"),
 ])
 def test_bad_config_values_raise(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -187,6 +188,19 @@ def test_an_interrupted_loraplus_run_resumes_and_keeps_its_ratio(tmp_path, model
         run_train(tmp_path, models_dir, max_steps=2, loraplus_ratio=8.0)
     result = run_train(tmp_path, models_dir, max_steps=2, loraplus_ratio=16.0)
     assert result.manifest["metrics"]["resumed_from_step"] == 1 and result.manifest["metrics"]["global_step"] == 2
+
+
+def test_a_chosen_attention_is_kept_in_either_precision_and_recorded(tmp_path, models_dir, base_folder):
+    write_version(tmp_path)
+    result = cli_train(tmp_path, models_dir, "--max-steps", "1", "--attention", "sdpa", "--bf16", "on")
+    assert result.exit_code == 0, result.output
+    folder = Path(result.stdout.strip().splitlines()[-1])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["precision"]["bf16"] and manifest["precision"]["attention"] == "sdpa"
+    assert manifest["config"]["attention"] == TrainConfig.load(folder / "train_config.json").attention == "sdpa"
+    assert "bf16 autocast, sdpa attention" in result.stderr
+    refused = cli_train(tmp_path, models_dir, "--max-steps", "1", "--attention", "flash")
+    assert refused.exit_code == 2 and "'flash' is not one of 'auto', 'eager', 'sdpa'" in refused.output
 
 
 def test_interrupted_training_resumes_from_its_checkpoint(tmp_path, models_dir, base_folder):
@@ -388,7 +402,7 @@ def test_eager_attention_trains_the_real_base_exactly_as_sdpa_did(base_folder, t
     sdpa, sdpa_grads = _loss_and_grads(model, batch, True)
     assert set_attention(model, bf16=True) == "eager"
     eager, eager_grads = _loss_and_grads(model, batch, True)
-    assert set_attention(model, bf16=False, fp32_attention="sdpa") == "sdpa"
+    assert set_attention(model, bf16=True, choice="sdpa") == "sdpa", "a chosen attention wins under bf16"
     assert len(eager_grads) == 3 * 7 * 2 and torch.allclose(sdpa, eager, rtol=1e-5)
     assert all(torch.allclose(sdpa_grads[n], eager_grads[n], rtol=1e-4, atol=1e-6) for n in sdpa_grads)
 
@@ -441,6 +455,9 @@ def test_the_speed_measurement_alternates_fp32_and_bf16_and_a_hopeless_bf16_warm
     assert attention == ["sdpa", "eager"] * 3, "each precision with the attention it would train with"
     assert set(speeds) == {"fp32", "bf16"} and min(speeds.values()) > 0
     assert model.config._attn_implementation == "sdpa", "the loaded attention is back"
+    attention.clear()
+    training.measure_speeds(model, attention="sdpa")
+    assert attention == ["sdpa", "sdpa"] * 3, "a chosen attention in both precisions"
     calls.clear()
     monkeypatch.setattr(training, "HOPELESS", 0.0)
     assert min(training.measure_speeds(model).values()) > 0 and calls == ["fp32", "bf16"], "the warm-ups alone"

@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, data_dir: Path, command: Sequence[str], *, resume: b
     precision = choose_precision(cfg, model, base, models_dir / SPEED_CACHE)
     if precision["bf16"]:
         precision["frozen_linear_weights"] = f"bfloat16 ({store_frozen_linears_in_bf16(model)} layers)"
-    precision["attention"] = set_attention(model, precision["bf16"])
+    precision["attention"] = set_attention(model, precision["bf16"], cfg.attention)
     bar = TrainingProgress(enabled=progress)
     trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, *callbacks])
     output = trainer.train(resume_from_checkpoint=run.checkpoint)
@@ -270,7 +270,7 @@ def choose_precision(cfg: TrainConfig, model, base: BaseModel, cache_file: Path)
     key = _speed_key(base, cfg)
     cache = _read_json(cache_file)
     if key not in cache:
-        speeds = measure_speeds(model)
+        speeds = measure_speeds(model, cfg.attention)
         cache[key] = {"tokens_per_s": {name: round(value, 1) for name, value in speeds.items()},
                       "batch": list(SPEED_BATCH), "measured_at": datetime.now(UTC).isoformat()}
         write_json(cache_file, cache)
@@ -278,18 +278,18 @@ def choose_precision(cfg: TrainConfig, model, base: BaseModel, cache_file: Path)
     return {"bf16": speed["bf16"] > speed["fp32"], "setting": "auto", "measured": cache[key], "machine": key}
 
 
-def measure_speeds(model, rounds: int = 2) -> dict[str, float]:
+def measure_speeds(model, attention: str = "auto", rounds: int = 2) -> dict[str, float]:
     """Training tokens/s (forward and backward, no update) on a random batch in fp32 and in bf16 autocast:
     a warm-up step of each, then ``rounds`` rounds of one step of each, alternating so that a busy
     neighbour slows both alike; the best step of each. A bf16 warm-up ``HOPELESS`` times longer than the
     fp32 one ends the measurement with the warm-up speeds. Each precision runs with the attention
-    ``set_attention`` gives it."""
+    ``set_attention`` gives it for ``attention``."""
     import torch
 
     loaded = attention_of(model)
 
     def step(bf16: bool) -> float:
-        set_attention(model, bf16, loaded)
+        set_attention(model, bf16, attention, loaded)
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
@@ -305,7 +305,7 @@ def measure_speeds(model, rounds: int = 2) -> dict[str, float]:
                 for name in ("fp32", "bf16"):
                     times[name].append(step(name == "bf16"))
         model.zero_grad(set_to_none=True)
-    set_attention(model, False, loaded)
+    model.set_attn_implementation(loaded)
     tokens = SPEED_BATCH[0] * SPEED_BATCH[1]
     return {name: tokens / min(times[name] or [warm[name]]) for name in times}
 
@@ -317,7 +317,8 @@ def _speed_key(base: BaseModel, cfg: TrainConfig) -> str:
 
     layers = "all layers" if cfg.lora_layers is None else f"last {cfg.lora_layers} layers"
     return (f"{cpu_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {base.location} | "
-            f"LoRA r{cfg.lora_rank} on {','.join(cfg.target_modules)}, {layers} | bf16 with {BF16_ATTENTION} attention")
+            f"LoRA r{cfg.lora_rank} on {','.join(cfg.target_modules)}, {layers} | attention {cfg.attention}, "
+            f"{BF16_ATTENTION} under bf16 when auto")
 
 
 def attention_of(model) -> str:
@@ -325,10 +326,13 @@ def attention_of(model) -> str:
     return model.config._attn_implementation
 
 
-def set_attention(model, bf16: bool, fp32_attention: str | None = None) -> str:
-    """Switch the model to the attention that trains fastest in its precision (``BF16_ATTENTION`` under bf16,
-    ``fp32_attention`` or the loaded one in float32); returns it."""
-    wanted = BF16_ATTENTION if bf16 else (fp32_attention or attention_of(model))
+def set_attention(model, bf16: bool, choice: str = "auto", fp32_attention: str | None = None) -> str:
+    """Switch the model to the attention ``choice`` names, or for 'auto' to the one that trains fastest in its
+    precision (``BF16_ATTENTION`` under bf16, ``fp32_attention`` or the loaded one in float32); returns it."""
+    if choice != "auto":
+        wanted = choice
+    else:
+        wanted = BF16_ATTENTION if bf16 else (fp32_attention or attention_of(model))
     if attention_of(model) != wanted:
         model.set_attn_implementation(wanted)
     return attention_of(model)
