@@ -17,12 +17,11 @@ Results: bench/RESULTS-distill.md ("Eager attention").
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_prefix_speed import batches, race  # noqa: E402 (puts the project on sys.path)
+from shared_prefix_speed import batches, race, training_step  # noqa: E402 (puts the project on sys.path)
 
 SETTINGS = ("sdpa", "eager")
 
@@ -51,9 +50,6 @@ def main(argv: list[str]) -> int:
     trainer_class = answer_only_trainer(Trainer)
     trainer = trainer_class.__new__(trainer_class)
 
-    def precision():
-        return contextlib.nullcontext() if args.fp32 else torch.autocast("cpu", dtype=torch.bfloat16)
-
     steppers = {}
     for name in SETTINGS:
         set_seed(0)
@@ -65,20 +61,12 @@ def main(argv: list[str]) -> int:
             store_frozen_linears_in_bf16(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         steppers[name] = (model, optimizer)
-    with torch.no_grad(), precision():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
         losses = [float(trainer.compute_loss(m, dict(data[0]))) for m, _ in steppers.values()]
     print(f"first-batch loss: {dict(zip(SETTINGS, losses))}", flush=True)
 
-    def step(model, optimizer):
-        def one(batch: dict) -> None:
-            with precision():
-                loss = trainer.compute_loss(model, dict(batch))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return one
-
-    medians = race({name: step(*stepper) for name, stepper in steppers.items()}, data, args.rounds)
+    medians = race({name: training_step(trainer, model, optimizer, bf16=not args.fp32)
+                    for name, (model, optimizer) in steppers.items()}, data, args.rounds)
     print(f"ratio eager / sdpa: {medians['eager'] / medians['sdpa']:.2f}x")
     return 0
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_prefix_speed import batches, race  # noqa: E402 (puts the project on sys.path)
+from shared_prefix_speed import batches, race, training_step  # noqa: E402 (puts the project on sys.path)
 
 SETTINGS = ("cast on every pass", "stored in bf16")
 
@@ -61,16 +61,8 @@ def main(argv: list[str]) -> int:
         losses = [float(trainer.compute_loss(m, dict(data[0]))) for m, _ in steppers.values()]
     print(f"first-batch loss: {losses}", flush=True)
 
-    def step(model, optimizer):
-        def one(batch: dict) -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = trainer.compute_loss(model, dict(batch))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return one
-
-    medians = race({name: step(*stepper) for name, stepper in steppers.items()}, data, args.rounds)
+    medians = race({name: training_step(trainer, model, optimizer, bf16=True)
+                    for name, (model, optimizer) in steppers.items()}, data, args.rounds)
     print(f"ratio stored / cast: {medians['stored in bf16'] / medians['cast on every pass']:.2f}x")
     return 0
 

@@ -56,6 +56,20 @@ def batches(args, tokenizer) -> list[dict]:
     return [collate(examples[i:i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
 
 
+def training_step(trainer, model, optimizer, bf16: bool = False) -> Callable[[dict], None]:
+    """The product's training step on one batch: ``trainer``'s answer-only loss (under bf16 autocast if
+    ``bf16``), backward, the optimizer's update."""
+    import torch
+
+    def one(batch: dict) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return one
+
+
 def race(steps: dict[str, Callable[[dict], None]], data: list[dict], rounds: int) -> dict[str, float]:
     """Training tokens/s of each setting's step over ``data``: rounds alternate the settings and flip their
     order each round; prints every round; returns the median of rounds 2 on (round 1 warms up)."""
@@ -106,14 +120,8 @@ def main(argv: list[str]) -> int:
         losses = [float(t.compute_loss(m, dict(first))) for m, t, _ in steppers.values()]
     print(f"first-batch loss: {losses}, largest difference {max(losses) - min(losses):.2e}", flush=True)
 
-    def step(model, trainer, optimizer):
-        def one(batch: dict) -> None:
-            trainer.compute_loss(model, dict(batch)).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return one
-
-    medians = race({name: step(*stepper) for name, stepper in steppers.items()}, data, args.rounds)
+    medians = race({name: training_step(trainer, model, optimizer) for name, (model, trainer, optimizer)
+                    in steppers.items()}, data, args.rounds)
     print(f"ratio once per batch / once per example: {medians['once per batch'] / medians['once per example']:.2f}x")
     return 0
 
