@@ -296,6 +296,33 @@ def test_answer_only_loss_equals_the_full_models_loss():
     assert torch.allclose(summed, full * 10 / 20)
 
 
+def _two_example_batch(tokenizer, system_prompt: str) -> dict:
+    """Two real chat-template examples of different lengths (so one is padded), collated as ``make_trainer`` does."""
+    from transformers import DataCollatorForSeq2Seq
+
+    encoder = ChatEncoder(tokenizer)
+    examples = [encoder.encode([{"role": "system", "content": system_prompt}, {"role": "user", "content": text}],
+                               answer)
+                for text, answer in (("Where is my new card?", '{"intent": "card_arrival"}'),
+                                     ("I was charged twice for one coffee", '{"intent": "transaction_charged_twice"}'))]
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(examples)
+
+
+def _lora_model_with_nonzero_b(base_folder):
+    """The real base with LoRA in its 3 upper layers, B drawn at random: B starts at 0, which would leave every
+    A gradient 0 and hide differences there."""
+    import torch
+
+    from distill.base import resolve_base
+    from distill.training.train import load_lora_model
+
+    model = load_lora_model(resolve_base(str(base_folder)), TrainConfig(path=PATH, lora_layers=3))
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.02)
+    return model
+
+
 def _loss_and_grads(model, batch: dict, share_prefix: bool, num_items=None):
     from transformers import Trainer
 
@@ -355,22 +382,13 @@ def test_the_shared_beginning_stops_before_the_first_answer_and_at_padding():
 def test_sharing_the_prompt_beginning_trains_the_real_base_exactly_as_before(base_folder, tokenizer):
     """SmolLM2 with peft LoRA layers and two real chat-template examples: the same loss and LoRA gradients."""
     import torch
-    from transformers import DataCollatorForSeq2Seq
 
-    from distill.base import resolve_base
-    from distill.training.train import load_lora_model, shared_prefix
+    from distill.training.train import shared_prefix
 
-    encoder = ChatEncoder(tokenizer)
-    examples = [encoder.encode([{"role": "system", "content": APP_PROMPT}, {"role": "user", "content": text}], answer)
-                for text, answer in (("Where is my new card?", '{"intent": "card_arrival"}'),
-                                     ("I was charged twice for one coffee", '{"intent": "transaction_charged_twice"}'))]
-    batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(examples)
+    batch = _two_example_batch(tokenizer, APP_PROMPT)
     prompt = len(tokenizer(APP_PROMPT)["input_ids"])
     assert shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"]) > prompt
-    model = load_lora_model(resolve_base(str(base_folder)), TrainConfig(path=PATH, lora_layers=3))
-    for name, weight in model.named_parameters():
-        if "lora_B" in name:  # B starts at 0, which would leave every A gradient 0 in both settings
-            torch.nn.init.normal_(weight, std=0.02)
+    model = _lora_model_with_nonzero_b(base_folder)
     once, once_grads = _loss_and_grads(model, batch, True)
     every, every_grads = _loss_and_grads(model, batch, False)
     assert len(every_grads) == 3 * 7 * 2, "LoRA A and B of the 7 linear layers in each of the 3 upper layers"
@@ -382,22 +400,13 @@ def test_eager_attention_trains_the_real_base_exactly_as_sdpa_did(base_folder, t
     """What bf16 training switches to: the same loss and LoRA gradients as PyTorch's fused attention, with a
     padded example and the shared prompt beginning's cache (compared in float32, where they are exact)."""
     import torch
-    from transformers import DataCollatorForSeq2Seq
 
-    from distill.base import resolve_base
-    from distill.training.train import load_lora_model, set_attention, shared_prefix
+    from distill.training.train import set_attention, shared_prefix
 
-    encoder = ChatEncoder(tokenizer)
-    examples = [encoder.encode([{"role": "system", "content": SHORT_PROMPT}, {"role": "user", "content": text}], answer)
-                for text, answer in (("Where is my new card?", '{"intent": "card_arrival"}'),
-                                     ("I was charged twice for one coffee", '{"intent": "transaction_charged_twice"}'))]
-    batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(examples)
+    batch = _two_example_batch(tokenizer, SHORT_PROMPT)
     assert not batch["attention_mask"].all() and shared_prefix(batch["input_ids"], batch["attention_mask"],
                                                               batch["labels"]) > 0
-    model = load_lora_model(resolve_base(str(base_folder)), TrainConfig(path=PATH, lora_layers=3))
-    for name, weight in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(weight, std=0.02)
+    model = _lora_model_with_nonzero_b(base_folder)
     assert set_attention(model, bf16=False) == "sdpa", "the loaded attention stays in float32"
     sdpa, sdpa_grads = _loss_and_grads(model, batch, True)
     assert set_attention(model, bf16=True) == "eager"
@@ -411,20 +420,11 @@ def test_frozen_linear_weights_in_bf16_train_exactly_as_bf16_autocast_did(base_f
     """The real base with LoRA: the same loss and LoRA gradients under autocast whether the frozen weights are
     cast on every pass or stored in bfloat16; embeddings, norms and the LoRA weights stay float32."""
     import torch
-    from transformers import DataCollatorForSeq2Seq
 
-    from distill.base import resolve_base
-    from distill.training.train import load_lora_model, store_frozen_linears_in_bf16
+    from distill.training.train import store_frozen_linears_in_bf16
 
-    encoder = ChatEncoder(tokenizer)
-    examples = [encoder.encode([{"role": "system", "content": SHORT_PROMPT}, {"role": "user", "content": text}], answer)
-                for text, answer in (("Where is my new card?", '{"intent": "card_arrival"}'),
-                                     ("I was charged twice for one coffee", '{"intent": "transaction_charged_twice"}'))]
-    batch = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)(examples)
-    model = load_lora_model(resolve_base(str(base_folder)), TrainConfig(path=PATH, lora_layers=3))
-    for name, weight in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(weight, std=0.02)
+    batch = _two_example_batch(tokenizer, SHORT_PROMPT)
+    model = _lora_model_with_nonzero_b(base_folder)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast, cast_grads = _loss_and_grads(model, batch, True)
         layers = model.config.num_hidden_layers
