@@ -6,6 +6,7 @@ Tree::
     ├── ConfigError                 bad config file, flag or environment (at start)
     ├── StoreError                  capture store unreadable or unwritable
     │   └── MigrationError          a schema migration failed or is unknown
+    ├── TrainingError               a training run ended without an adapter (its loss diverged)
     └── APIError                    becomes an OpenAI-shaped JSON error response
         ├── InvalidRequestError     400  malformed JSON, wrong types, bad header
         ├── AuthenticationError     401  missing or unknown gateway key
@@ -42,6 +43,10 @@ class StoreError(ArbitrageError):
 
 class MigrationError(StoreError):
     """A schema migration failed, or the store was written by a newer version."""
+
+
+class TrainingError(ArbitrageError):
+    """A training run stopped without producing an adapter: its loss diverged."""
 
 
 class APIError(ArbitrageError):

@@ -293,9 +293,11 @@ def train_for(args: list[str], seconds: float, run: Path, log: Path) -> tuple[st
         err.write(f"\n$ arbitrage {shlex.join(args)}  (time budget {seconds / 60:.0f} min)\n")
         err.flush()
         proc = subprocess.Popen(ARBITRAGE + args, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        interrupted = False
         try:
             out, _ = proc.communicate(timeout=seconds)
         except subprocess.TimeoutExpired:
+            interrupted = True
             proc.send_signal(signal.SIGINT)
             out, _ = proc.communicate(timeout=300)  # it may have finished just then (status 0, the adapter's folder)
         except BaseException:
@@ -303,6 +305,9 @@ def train_for(args: list[str], seconds: float, run: Path, log: Path) -> tuple[st
             raise
     if proc.returncode == 0:
         return out.strip(), None
+    if not interrupted:  # it failed on its own, e.g. a diverged loss
+        last = log.read_text(errors="replace").strip().splitlines()[-1]
+        raise RuntimeError(f"training failed ({proc.returncode}): {last}")
     checkpoints = sorted(run.glob(f"data/adapters/{TRAIN_PATH}/v*.partial/checkpoints/checkpoint-*"),
                          key=lambda p: int(p.name.rsplit("-", 1)[1]))
     if not checkpoints:

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from transformers import TrainerCallback
 
-from arbitrage.errors import ConfigError
+from arbitrage.errors import ConfigError, TrainingError
 from distill.base import CACHE_ENV, DEFAULT_BASE, MANIFEST, prepare_base, resolve_base
 from distill.dataset.source import Example
 from distill.dataset.writer import write_dataset
@@ -221,6 +221,73 @@ def test_no_resume_starts_over(tmp_path, models_dir, base_folder):
         run_train(tmp_path, models_dir, [InterruptAfterSave(step=1)], max_steps=2, save_steps=1)
     result = run_train(tmp_path, models_dir, resume=False, max_steps=1, learning_rate=1e-3)
     assert result.manifest["metrics"]["resumed_from_step"] is None and result.folder.name == "v1"
+
+
+class WreckLoraWeights(TrainerCallback):
+    """Turns every LoRA B matrix into NaN after ``step``, as an overflow would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            for name, weight in model.named_parameters():
+                if "lora_B" in name:
+                    weight.data.fill_(float("nan"))
+
+
+def test_a_run_whose_loss_turns_nan_stops_and_publishes_nothing(tmp_path, models_dir, base_folder):
+    write_version(tmp_path)
+    with pytest.raises(TrainingError) as raised:
+        run_train(tmp_path, models_dir, [WreckLoraWeights(step=2)], max_steps=8, logging_steps=1, save_steps=2)
+    message = str(raised.value)
+    assert "training of 'intents' diverged at step 3 of 8: the training loss became nan" in message
+    assert "No adapter was published" in message and "lower --lr (this run: 0.0005)" in message
+    assert not list((tmp_path / "adapters" / PATH).iterdir())
+    result = run_train(tmp_path, models_dir, max_steps=1)
+    assert result.folder.name == "v1" and result.manifest["metrics"]["resumed_from_step"] is None
+
+
+def test_a_learning_rate_far_too_high_is_reported_as_diverged(tmp_path, models_dir, base_folder):
+    write_version(tmp_path)
+    result = cli_train(tmp_path, models_dir, "--max-steps", "12", "--logging-steps", "1", "--lr", "0.9",
+                       "--warmup-ratio", "0", "--bf16", "off")
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "training of 'intents' diverged at step" in result.output and "(this run: 0.9)" in result.output
+    assert not list((tmp_path / "adapters" / PATH).iterdir())
+
+
+@pytest.mark.parametrize(("earlier", "loss", "untrained", "reason"), [
+    ([3.4], float("nan"), 3.4, "became nan"),
+    ([3.4, 0.9], float("inf"), 3.4, "became inf"),
+    ([3.4], 6.8, 3.4, "rose to 6.8000, twice the untrained model's 3.4000"),
+    ([3.4, 1.2, 0.05, 0.76], 3.5, 3.4, "climbed back to 3.5000, the untrained model's 3.4000 or more, after "
+                                       "falling to 0.0500"),
+    ([3.4], 3.9, 3.4, None),              # warm-up wobble: above the untrained loss, never below half of it
+    ([3.4, 2.0], 3.5, 3.4, None),
+    ([3.4, 1.2, 0.05], 0.76, 3.4, None),  # a bump, not back at the untrained loss
+    ([0.9], 50.0, None, None),            # no step-1 loss (a run resumed from before the guard)
+])
+def test_divergence_is_a_non_finite_loss_a_doubled_one_or_a_climb_back_after_learning(earlier, loss, untrained,
+                                                                                       reason):
+    from distill.training.train import divergence
+
+    found = divergence(earlier, loss, untrained)
+    assert found == reason if reason is None else reason in found
+
+
+def test_the_guard_stops_the_trainer_on_the_log_that_diverged():
+    from transformers import TrainerControl, TrainerState
+
+    from distill.training.train import DivergenceGuard
+
+    guard, state, control = DivergenceGuard(), TrainerState(max_steps=100), TrainerControl()
+    for step, loss in [(1, 3.4), (10, 1.1), (20, 0.2), (30, 0.9), (40, 4.0)]:
+        state.global_step = step
+        state.log_history.append({"loss": loss, "step": step})
+        guard.on_log(None, state, control, logs={"loss": loss})
+        assert control.should_training_stop == (step == 40)
+    assert guard.diverged["step"] == 40 and guard.diverged["recent"][-1] == (40, 4.0)
 
 
 def test_train_command_errors(tmp_path, models_dir, base_folder):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shlex
 import shutil
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 
 from transformers import TrainerCallback
 
-from arbitrage.errors import ConfigError
+from arbitrage.errors import ConfigError, TrainingError
 from arbitrage.machine import cpu_name
 from distill.base import BaseModel, default_models_dir, resolve_base
 from distill.training.config import ALL_LINEAR, TrainConfig
@@ -112,9 +113,12 @@ def train(cfg: TrainConfig, data_dir: Path, command: Sequence[str], *, resume: b
     if precision["bf16"]:
         precision["frozen_linear_weights"] = f"bfloat16 ({store_frozen_linears_in_bf16(model)} layers)"
     precision["attention"] = set_attention(model, precision["bf16"], cfg.attention)
-    bar = TrainingProgress(enabled=progress)
-    trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, *callbacks])
+    bar, guard = TrainingProgress(enabled=progress), DivergenceGuard()
+    trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, guard, *callbacks])
     output = trainer.train(resume_from_checkpoint=run.checkpoint)
+    if guard.diverged:
+        shutil.rmtree(run.folder, ignore_errors=True)
+        raise TrainingError(guard.explain(cfg, run.folder))
     eval_loss = final_eval_loss(trainer)
     adapter = run.folder / "adapter"
     trainer.model.save_pretrained(adapter)
@@ -387,7 +391,8 @@ def make_trainer(model, tokenizer, splits: dict[str, EncodedSplit], cfg: TrainCo
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         eval_strategy="steps" if eval_examples else "no", eval_steps=cfg.eval_steps,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
-        logging_strategy="steps", logging_steps=cfg.logging_steps,
+        logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
+        logging_nan_inf_filter=False,
         train_sampling_strategy="group_by_length", include_num_input_tokens_seen="non_padding",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
     )
@@ -479,6 +484,59 @@ def forward_after_prefix(model, inputs: dict[str, Any], prefix: int, keep):
     cache.batch_repeat_interleave(ids.shape[0])
     rest = {key: value for key, value in inputs.items() if key not in ("input_ids", "position_ids")}
     return model(input_ids=ids[:, prefix:], cache=cache, use_cache=True, logits_to_keep=keep - prefix, **rest)
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops a run whose training loss diverged (``divergence``): its LoRA weights are wrecked, and training
+    on would only spend the time (a rank-32 run at lr 2e-3 went from 0.05 to 7.7 over 80 steps, halfway
+    through 1,479). ``train`` then raises ``TrainingError`` and discards the run, whose checkpoints would
+    resume into the same state.
+
+    The Trainer logs step 1 (``logging_first_step``), the untrained model's loss, and keeps non-finite
+    losses in its logs (``logging_nan_inf_filter`` off, which would otherwise hide them); a resumed run finds
+    step 1 in the log history its checkpoint restored.
+    """
+
+    def __init__(self) -> None:
+        self.diverged: dict[str, Any] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if (logs or {}).get("loss") is None or self.diverged is not None or state.global_step <= 1:
+            return
+        losses = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
+        untrained = next((loss for step, loss in losses if step == 1), None)
+        reason = divergence([loss for _, loss in losses[:-1]], losses[-1][1], untrained)
+        if reason:
+            self.diverged = {"step": state.global_step, "max_steps": state.max_steps, "reason": reason,
+                             "recent": losses[-5:]}
+            control.should_training_stop = True
+
+    def explain(self, cfg: TrainConfig, folder: Path) -> str:
+        """What happened, what was kept, and what to change."""
+        d = self.diverged
+        recent = ", ".join(f"{step}: {loss:.4g}" for step, loss in d["recent"])
+        return (f"training of {cfg.path!r} diverged at step {d['step']} of {d['max_steps']}: {d['reason']} "
+                f"(losses logged by step: {recent}). No adapter was published, and the run ({folder.name}) was "
+                f"discarded, since its checkpoints would resume into the same state. Train again with a lower "
+                f"--lr (this run: {cfg.learning_rate:g}).")
+
+
+def divergence(earlier: Sequence[float], loss: float, untrained: float | None) -> str | None:
+    """Why a logged training loss means the run diverged, or None: it is not a number, or it is twice the
+    untrained model's loss or more, or back at the untrained loss after the run had halved it. A healthy run's
+    early losses wobble around the untrained one while the learning rate warms up, so nearness alone is not
+    enough."""
+    if not math.isfinite(loss):
+        return f"the training loss became {loss}"
+    if untrained is None or not math.isfinite(untrained):
+        return None
+    if loss >= 2 * untrained:
+        return f"the training loss rose to {loss:.4f}, twice the untrained model's {untrained:.4f} or more"
+    best = min(earlier, default=untrained)
+    if loss >= untrained and best <= untrained / 2:
+        return (f"the training loss climbed back to {loss:.4f}, the untrained model's {untrained:.4f} or more, "
+                f"after falling to {best:.4f}")
+    return None
 
 
 class TrainingProgress(TrainerCallback):
