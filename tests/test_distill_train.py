@@ -151,7 +151,7 @@ def test_bf16_choice_is_measured_and_recorded(trained):
     precision = trained[1]["precision"]
     speed = precision["measured"]["tokens_per_s"]
     assert precision["setting"] == "auto" and precision["bf16"] == (speed["bf16"] > speed["fp32"])
-    assert ("frozen_linear_weights" in precision) == precision["bf16"]
+    assert ("frozen_linear_weights" in precision) == ("lora_input_casts" in precision) == precision["bf16"]
     assert precision["attention"] == ("eager" if precision["bf16"] else "sdpa")
 
 
@@ -504,6 +504,29 @@ def test_frozen_linear_weights_in_bf16_train_exactly_as_bf16_autocast_did(base_f
     assert model.get_output_embeddings().weight.dtype == torch.float32
     assert len(stored_grads) == 3 * 7 * 2 and torch.equal(cast, stored)
     assert all(torch.allclose(cast_grads[n], stored_grads[n], rtol=1e-5, atol=1e-7) for n in cast_grads)
+
+
+def test_lora_inputs_left_to_autocast_train_exactly_as_with_peft_casting_them(base_folder, tokenizer):
+    """The real base with LoRA, set up as bf16 training sets it up: the same loss and LoRA gradients whether
+    peft casts each LoRA input to float32 (for autocast to cast it back) or not."""
+    import torch
+
+    from distill.training.train import set_attention, skip_lora_input_casts, store_frozen_linears_in_bf16
+
+    batch = _two_example_batch(tokenizer, SHORT_PROMPT)
+    model = _lora_model_with_nonzero_b(base_folder)
+    store_frozen_linears_in_bf16(model)
+    set_attention(model, bf16=True)
+    seen = []
+    lora_a = model.base_model.model.model.layers[29].self_attn.o_proj.lora_A["default"]
+    lora_a.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, cast_grads = _loss_and_grads(model, batch, True)
+        assert skip_lora_input_casts(model) == 3 * 7, "the 7 linear layers of each of the 3 upper layers"
+        left, left_grads = _loss_and_grads(model, batch, True)
+    assert seen == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16], "prefix and rest, each way"
+    assert len(left_grads) == 3 * 7 * 2 and torch.equal(cast, left)
+    assert all(torch.equal(cast_grads[n], left_grads[n]) for n in cast_grads)
 
 
 def test_the_speed_measurement_alternates_fp32_and_bf16_and_a_hopeless_bf16_warm_up_ends_it(monkeypatch):

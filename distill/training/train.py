@@ -112,6 +112,7 @@ def train(cfg: TrainConfig, data_dir: Path, command: Sequence[str], *, resume: b
     precision = choose_precision(cfg, model, base, models_dir / SPEED_CACHE)
     if precision["bf16"]:
         precision["frozen_linear_weights"] = f"bfloat16 ({store_frozen_linears_in_bf16(model)} layers)"
+        precision["lora_input_casts"] = f"off ({skip_lora_input_casts(model)} layers)"
     precision["attention"] = set_attention(model, precision["bf16"], cfg.attention)
     bar, guard = TrainingProgress(enabled=progress), DivergenceGuard()
     trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, guard, *callbacks])
@@ -364,6 +365,22 @@ def store_frozen_linears_in_bf16(model) -> int:
             module.weight.data = module.weight.data.to(torch.bfloat16)
             count += 1
     return count
+
+
+def skip_lora_input_casts(model) -> int:
+    """Turn off peft's cast of each LoRA layer's input to its weights' dtype (for bf16 autocast); returns in how
+    many layers.
+
+    peft casts the input to float32, the LoRA weights' dtype, and autocast then casts it back to bf16 for
+    the A matrix's matmul: for a bf16 input (o_proj's and down_proj's) two copies forward and two backward,
+    for the same numbers. Without the cast, autocast alone decides, so the loss and gradients do not change.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for module in layers:
+        module.cast_input_dtype_enabled = False
+    return len(layers)
 
 
 def final_eval_loss(trainer) -> float | None:
