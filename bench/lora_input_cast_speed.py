@@ -13,7 +13,7 @@ attention); one of them has peft's input casting off (``skip_lora_input_casts``)
 settings and flip their order each round; round 1 is a warm-up. Prints both settings' loss and largest
 LoRA-gradient difference on the first batch (zero: the matmuls see the same numbers), training tokens/s
 (non-padding), the median of the other rounds for each setting and their ratio.
-Results: bench/RESULTS-distill.md ("peft's LoRA input casts").
+Results: bench/RESULTS-distill.md ("The divergence settled, ...": peft's LoRA input casts).
 """
 from __future__ import annotations
 
