@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_prefix_speed import batches, race, training_step  # noqa: E402 (puts the project on sys.path)
+from shared_prefix_speed import batches, first_batch_losses, race_models  # noqa: E402 (puts the project on sys.path)
 
 SETTINGS = ("sdpa", "eager")
 
@@ -50,23 +50,18 @@ def main(argv: list[str]) -> int:
     trainer_class = answer_only_trainer(Trainer)
     trainer = trainer_class.__new__(trainer_class)
 
-    steppers = {}
+    models = {}
     for name in SETTINGS:
         set_seed(0)
         model = AutoModelForCausalLM.from_pretrained(base.location, dtype=torch.float32, attn_implementation=name)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+        models[name] = model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                                task_type="CAUSAL_LM"))
         model.train()
         if not args.fp32:
             store_frozen_linears_in_bf16(model)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        steppers[name] = (model, optimizer)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
-        losses = [float(trainer.compute_loss(m, dict(data[0]))) for m, _ in steppers.values()]
-    print(f"first-batch loss: {dict(zip(SETTINGS, losses))}", flush=True)
+    print(f"first-batch loss: {first_batch_losses(trainer, models, data[0], bf16=not args.fp32)}", flush=True)
 
-    medians = race({name: training_step(trainer, model, optimizer, bf16=not args.fp32)
-                    for name, (model, optimizer) in steppers.items()}, data, args.rounds)
+    medians = race_models(trainer, models, data, args.rounds, bf16=not args.fp32)
     print(f"ratio eager / sdpa: {medians['eager'] / medians['sdpa']:.2f}x")
     return 0
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_prefix_speed import batches, race, training_step  # noqa: E402 (puts the project on sys.path)
+from shared_prefix_speed import batches, first_batch_losses, race_models  # noqa: E402 (puts the project on sys.path)
 
 SETTINGS = ("cast on every pass", "stored in bf16")
 
@@ -35,7 +35,6 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str]) -> int:
-    import torch
     from transformers import Trainer
 
     from distill.base import DEFAULT_BASE, resolve_base
@@ -46,23 +45,18 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     base = resolve_base(DEFAULT_BASE)
     data = batches(args, load_tokenizer(base))
-    cfg = TrainConfig(path="banking77/intents", lora_layers=args.lora_layers, learning_rate=1e-3)
+    cfg = TrainConfig(path="banking77/intents", lora_layers=args.lora_layers)
     trainer_class = answer_only_trainer(Trainer)
     trainer = trainer_class.__new__(trainer_class)
-    steppers = {}
+    models = {}
     for name in SETTINGS:
-        model = load_lora_model(base, cfg)
+        models[name] = model = load_lora_model(base, cfg)
         model.train()
         if name == "stored in bf16":
             print(f"{store_frozen_linears_in_bf16(model)} linear layers stored in bf16", flush=True)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-        steppers[name] = (model, optimizer)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        losses = [float(trainer.compute_loss(m, dict(data[0]))) for m, _ in steppers.values()]
-    print(f"first-batch loss: {losses}", flush=True)
+    print(f"first-batch loss: {first_batch_losses(trainer, models, data[0], bf16=True)}", flush=True)
 
-    medians = race({name: training_step(trainer, model, optimizer, bf16=True)
-                    for name, (model, optimizer) in steppers.items()}, data, args.rounds)
+    medians = race_models(trainer, models, data, args.rounds, bf16=True)
     print(f"ratio stored / cast: {medians['stored in bf16'] / medians['cast on every pass']:.2f}x")
     return 0
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_prefix_speed import batches, race, training_step  # noqa: E402 (puts the project on sys.path)
+from shared_prefix_speed import batches, race_models  # noqa: E402 (puts the project on sys.path)
 
 SETTINGS = ("peft casts", "no casts")
 
@@ -48,21 +48,19 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     base = resolve_base(DEFAULT_BASE)
     data = batches(args, load_tokenizer(base))
-    cfg = TrainConfig(path="banking77/intents", learning_rate=1e-3)
+    cfg = TrainConfig(path="banking77/intents")
     trainer_class = answer_only_trainer(Trainer)
     trainer = trainer_class.__new__(trainer_class)
-    steppers = {}
+    models = {}
     for name in SETTINGS:
-        model = load_lora_model(base, cfg)
+        models[name] = model = load_lora_model(base, cfg)
         model.train()
         store_frozen_linears_in_bf16(model)
         set_attention(model, bf16=True)
         if name == "no casts":
             print(f"peft's input casting off in {skip_lora_input_casts(model)} LoRA layers", flush=True)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-        steppers[name] = (model, optimizer)
     losses, grads = [], []
-    for model, _ in steppers.values():
+    for model in models.values():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = trainer.compute_loss(model, dict(data[0]))
         loss.backward()
@@ -72,8 +70,7 @@ def main(argv: list[str]) -> int:
     largest = max(float((a - b).abs().max()) for a, b in zip(*grads))
     print(f"first-batch loss: {losses}; largest LoRA-gradient difference {largest:.3g}", flush=True)
 
-    medians = race({name: training_step(trainer, model, optimizer, bf16=True)
-                    for name, (model, optimizer) in steppers.items()}, data, args.rounds)
+    medians = race_models(trainer, models, data, args.rounds, bf16=True)
     print(f"ratio no casts / peft casts: {medians['no casts'] / medians['peft casts']:.2f}x")
     return 0
 
