@@ -65,6 +65,7 @@ def base(models_dir) -> None:
 @field_option(TrainConfig, "--max-seq-len", field="max_seq_len", type=int)
 @field_option(TrainConfig, "--bf16", field="bf16", type=click.Choice(["auto", "on", "off"]))
 @field_option(TrainConfig, "--attention", field="attention", type=click.Choice(ATTENTIONS))
+@field_option(TrainConfig, "--average-from", field="average_from", type=float)
 @field_option(TrainConfig, "--eval-steps", field="eval_steps", type=int)
 @field_option(TrainConfig, "--max-eval-examples", field="max_eval_examples", type=int)
 @field_option(TrainConfig, "--save-steps", field="save_steps", type=int)
@@ -104,6 +105,12 @@ def report(manifest: dict, folder) -> None:
                f"({dataset['train']['examples']} train examples, {dataset['train']['too_long']} too long): "
                f"{metrics['global_step']} steps, train loss {metrics['train_loss']:.4f}, eval loss {eval_loss}",
                err=True)
+    if metrics.get("weight_average"):
+        average = metrics["weight_average"]
+        last = metrics["eval_loss_last_step"]
+        click.echo(f"published the mean of the weights after steps {average['first_step']}-{average['last_step']} "
+                   f"({average['steps']} steps; the last step's eval loss: "
+                   f"{f'{last:.4f}' if last is not None else 'n/a'})", err=True)
     speed = f"{timing['tokens_per_s']:.0f} tokens/s" if timing["tokens_per_s"] else "no steps run"
     precision = "bf16 autocast" if manifest["precision"]["bf16"] else "float32"
     if manifest["precision"].get("attention"):

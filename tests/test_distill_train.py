@@ -128,7 +128,8 @@ def test_drop_system_prompt_trains_with_the_short_one(tmp_path, tokenizer):
     ({"dataset_version": "latest"}, "--dataset-version"), ({"short_system_prompt": "x"}, "--drop-system-prompt"),
     ({"target_modules": ("all-linear", "q_proj")}, "all-linear"), ({"path": "../up"}, "call path"),
     ({"lora_layers": 0}, "--lora-layers"), ({"loraplus_ratio": 0.5}, "--loraplus-ratio"),
-    ({"attention": "flash"}, "--attention"),
+    ({"attention": "flash"}, "--attention"), ({"average_from": 1.0}, "--average-from"),
+    ({"average_from": -0.1}, "--average-from"),
 ])
 def test_bad_config_values_raise(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -221,6 +222,68 @@ def test_no_resume_starts_over(tmp_path, models_dir, base_folder):
         run_train(tmp_path, models_dir, [InterruptAfterSave(step=1)], max_steps=2, save_steps=1)
     result = run_train(tmp_path, models_dir, resume=False, max_steps=1, learning_rate=1e-3)
     assert result.manifest["metrics"]["resumed_from_step"] is None and result.folder.name == "v1"
+
+
+class RecordWeights(TrainerCallback):
+    """The LoRA weights after every step, keyed as in the adapter file."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, dict] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        from peft import get_peft_model_state_dict
+
+        self.by_step[state.global_step] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def _mean(weights: list[dict]) -> dict:
+    return {k: sum(w[k] for w in weights) / len(weights) for k in weights[0]}
+
+
+def _assert_weights(published: dict, expected: dict, equal: bool = True) -> None:
+    import torch
+
+    assert published.keys() == expected.keys()
+    close = all(torch.allclose(published[k], expected[k], rtol=1e-5, atol=1e-7) for k in expected)
+    assert close == equal
+
+
+def test_weight_averaging_publishes_the_mean_of_the_weights_after_the_runs_last_steps(tmp_path, models_dir,
+                                                                                     base_folder):
+    from safetensors.torch import load_file
+
+    write_version(tmp_path)
+    weights = RecordWeights()
+    result = run_train(tmp_path, models_dir, [weights], max_steps=4, average_from=0.5)
+    published = load_file(result.folder / "adapter_model.safetensors")
+    _assert_weights(published, _mean([weights.by_step[3], weights.by_step[4]]))
+    _assert_weights(published, weights.by_step[4], equal=False)
+    metrics = result.manifest["metrics"]
+    assert metrics["weight_average"] == {"first_step": 3, "last_step": 4, "steps": 2}
+    assert math.isfinite(metrics["eval_loss"]) and metrics["eval_loss"] != metrics["eval_loss_last_step"]
+    assert result.manifest["config"]["average_from"] == 0.5
+
+
+def test_an_interrupted_run_carries_its_weight_average_through_the_checkpoint(tmp_path, models_dir, base_folder):
+    from safetensors.torch import load_file
+
+    write_version(tmp_path)
+    before, after = RecordWeights(), RecordWeights()
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, models_dir, [before, InterruptAfterSave(step=3)], max_steps=4, save_steps=1,
+                  average_from=0.25)
+    with pytest.raises(ConfigError, match="average_from"):
+        run_train(tmp_path, models_dir, max_steps=4, save_steps=1, average_from=0.5)
+    result = run_train(tmp_path, models_dir, [after], max_steps=4, save_steps=1, average_from=0.25)
+    assert result.manifest["metrics"]["resumed_from_step"] == 3 and set(after.by_step) == {4}
+    published = load_file(result.folder / "adapter_model.safetensors")
+    _assert_weights(published, _mean([before.by_step[2], before.by_step[3], after.by_step[4]]))
+    assert result.manifest["metrics"]["weight_average"] == {"first_step": 2, "last_step": 4, "steps": 3}
+
+
+def test_without_weight_averaging_the_last_steps_weights_are_published(trained):
+    metrics = trained[1]["metrics"]
+    assert "weight_average" not in metrics and "eval_loss_last_step" not in metrics
 
 
 class WreckLoraWeights(TrainerCallback):

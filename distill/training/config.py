@@ -74,6 +74,10 @@ class TrainConfig(DocumentedFields):
         "PyTorch's fused kernel on a 2-core avx512_bf16 CPU) and the loaded one (SDPA) in float32; 'sdpa' keeps "
         "the fused kernel, which stores no attention probabilities (less memory for long inputs).",
         default="auto")
+    average_from: float | None = _help(
+        "Stochastic weight averaging: publish the mean of the LoRA weights after every step past this share of "
+        "the run (0.4: its last 60 %) instead of the last step's weights (on Banking77, 2.4 epochs: level "
+        "agreement, more coverage at 99 % agreement) [default: the last step's weights].", default=None)
     eval_steps: int = _help("Evaluate on the eval split every this many optimizer steps (and at the end).",
                             default=50)
     max_eval_examples: int = _help("Evaluate on at most this many eval examples (the split's first ones).",
@@ -111,6 +115,8 @@ class TrainConfig(DocumentedFields):
             (self.attention in ATTENTIONS, f"--attention must be one of {', '.join(ATTENTIONS)}"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be at least 0 and less than 1"),
             (self.weight_decay >= 0, "--weight-decay must be at least 0"),
+            (self.average_from is None or 0 <= self.average_from < 1,
+             "--average-from must be at least 0 and less than 1"),
             (self.epochs > 0, "--epochs must be more than 0"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),

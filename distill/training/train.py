@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 from arbitrage.errors import ConfigError, TrainingError
 from arbitrage.machine import cpu_name
 from distill.base import BaseModel, default_models_dir, resolve_base
+from distill.training.averaging import WeightAverage
 from distill.training.config import ALL_LINEAR, TrainConfig
 from distill.training.data import IGNORE_INDEX, ChatEncoder, EncodedSplit, encode_split, read_split
 from distill.versions import MANIFEST, choose, versions, write_json
@@ -114,18 +115,22 @@ def train(cfg: TrainConfig, data_dir: Path, command: Sequence[str], *, resume: b
         precision["frozen_linear_weights"] = f"bfloat16 ({store_frozen_linears_in_bf16(model)} layers)"
         precision["lora_input_casts"] = f"off ({skip_lora_input_casts(model)} layers)"
     precision["attention"] = set_attention(model, precision["bf16"], cfg.attention)
-    bar, guard = TrainingProgress(enabled=progress), DivergenceGuard()
-    trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, guard, *callbacks])
+    bar, guard, average = TrainingProgress(enabled=progress), DivergenceGuard(), WeightAverage(cfg.average_from,
+                                                                                                run.checkpoint)
+    trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, guard, average, *callbacks])
     output = trainer.train(resume_from_checkpoint=run.checkpoint)
     if guard.diverged:
         shutil.rmtree(run.folder, ignore_errors=True)
         raise TrainingError(guard.explain(cfg, run.folder))
-    eval_loss = final_eval_loss(trainer)
+    losses = {"train_loss": output.training_loss, "eval_loss": final_eval_loss(trainer)}
+    averaged = average.apply(trainer.model)
+    if averaged:
+        losses |= {"eval_loss_last_step": losses["eval_loss"], "eval_loss": final_eval_loss(trainer, again=True),
+                   "weight_average": averaged}
     adapter = run.folder / "adapter"
     trainer.model.save_pretrained(adapter)
     cfg.save(adapter / CONFIG_FILE)
-    manifest = make_manifest(cfg, base, dataset, splits, trainer.state, run, precision, bar,
-                             {"train_loss": output.training_loss, "eval_loss": eval_loss},
+    manifest = make_manifest(cfg, base, dataset, splits, trainer.state, run, precision, bar, losses,
                              command, time.perf_counter() - started)
     return publish(run, root, adapter, manifest)
 
@@ -383,12 +388,13 @@ def skip_lora_input_casts(model) -> int:
     return len(layers)
 
 
-def final_eval_loss(trainer) -> float | None:
-    """The eval loss of the trained adapter (evaluated now unless the last step already did)."""
+def final_eval_loss(trainer, again: bool = False) -> float | None:
+    """The eval loss of the trained adapter (evaluated now unless the last step already did and not ``again``:
+    the weights changed since)."""
     if not trainer.eval_dataset:
         return None
     last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-    if last is not None and last["step"] == trainer.state.global_step:
+    if last is not None and last["step"] == trainer.state.global_step and not again:
         return last["eval_loss"]
     return trainer.evaluate()["eval_loss"]
 
