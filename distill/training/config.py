@@ -76,8 +76,9 @@ class TrainConfig(DocumentedFields):
         default="auto")
     average_from: float | None = _help(
         "Stochastic weight averaging: publish the mean of the LoRA weights after every step past this share of "
-        "the run (0.4: its last 60 %) instead of the last step's weights (on Banking77, 2.4 epochs: level "
-        "agreement, more coverage at 99 % agreement) [default: the last step's weights].", default=None)
+        "the run (0.55: its last 45 %) instead of the last step's weights (Banking77, 2.4 epochs, three runs: "
+        "the same agreement, and 2.4-5.0 points more coverage at 99 % agreement by the joint confidence) "
+        "[default: the last step's weights].", default=None)
     eval_steps: int = _help("Evaluate on the eval split every this many optimizer steps (and at the end).",
                             default=50)
     max_eval_examples: int = _help("Evaluate on at most this many eval examples (the split's first ones).",
