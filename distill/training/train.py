@@ -115,8 +115,8 @@ def train(cfg: TrainConfig, data_dir: Path, command: Sequence[str], *, resume: b
         precision["frozen_linear_weights"] = f"bfloat16 ({store_frozen_linears_in_bf16(model)} layers)"
         precision["lora_input_casts"] = f"off ({skip_lora_input_casts(model)} layers)"
     precision["attention"] = set_attention(model, precision["bf16"], cfg.attention)
-    bar, guard, average = TrainingProgress(enabled=progress), DivergenceGuard(), WeightAverage(cfg.average_from,
-                                                                                                run.checkpoint)
+    bar, guard = TrainingProgress(enabled=progress), DivergenceGuard()
+    average = WeightAverage(cfg.average_from, run.checkpoint)
     trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, guard, average, *callbacks])
     output = trainer.train(resume_from_checkpoint=run.checkpoint)
     if guard.diverged:
