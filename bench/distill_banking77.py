@@ -341,10 +341,7 @@ def evaluate(run: Path, trained: dict, args, log: Path, cleanup: Cleanup) -> dic
     server = start_vllm(run, adapter["base"]["location"], args.rank, cleanup)
     startup = time.perf_counter() - started
     try:
-        options = ["--adapter", trained["adapter"], "--vllm-url", server.base_url, "--target", str(args.target),
-                   "--concurrency", str(args.eval_concurrency), "--max-tokens", "32"]
-        options += ["--max-examples", str(args.eval_examples)] if args.eval_examples else []
-        folder = Path(arbitrage_cli(["distill", "eval", TRAIN_PATH, "--data-dir", str(run / "data"), *options], log))
+        folder = Path(arbitrage_cli(eval_command(run, trained["adapter"], server.base_url, args), log))
     finally:
         server.stop()
         cleanup.remove(server.stop)
@@ -353,6 +350,14 @@ def evaluate(run: Path, trained: dict, args, log: Path, cleanup: Cleanup) -> dic
             **signals(folder / "predictions.parquet", args.target),
             **{k: manifest[k] for k in ("examples", "errors", "first_error", "agreement", "at_target", "calibrated")},
             "timing": manifest["timing"]}
+
+
+def eval_command(run: Path, adapter: str, vllm_url: str, args) -> list[str]:
+    """`arbitrage distill eval` of the run's ``adapter`` version on the held-out texts, through ``vllm_url``."""
+    options = ["--adapter", adapter, "--vllm-url", vllm_url, "--target", str(args.target),
+               "--concurrency", str(args.eval_concurrency), "--max-tokens", "32"]
+    options += ["--max-examples", str(args.eval_examples)] if args.eval_examples else []
+    return ["distill", "eval", TRAIN_PATH, "--data-dir", str(run / "data"), *options]
 
 
 def signals(predictions: Path, target: float) -> dict:

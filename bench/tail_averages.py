@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import distill_banking77 as bench  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
+import distill_banking77 as bench  # noqa: E402 (puts the project on sys.path)
+from distill.versions import versions  # noqa: E402
 
 
 def publish_average(adapters: Path, snapshots: Path, steps: list[int], label: dict) -> str:
@@ -39,7 +37,7 @@ def publish_average(adapters: Path, snapshots: Path, steps: list[int], label: di
     mean = {k: (v / len(steps)).to(reference[k].dtype).contiguous() for k, v in total.items()}
     if mean.keys() != reference.keys():
         raise SystemExit(f"snapshots and adapter differ in weights: {sorted(set(mean) ^ set(reference))[:3]}")
-    version = f"v{max(int(p.name[1:]) for p in adapters.glob('v*') if p.name[1:].isdigit()) + 1}"
+    version = f"v{max(versions(adapters)) + 1}"
     folder = adapters / version
     shutil.copytree(v1, folder)
     save_file(mean, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -56,28 +54,22 @@ def main(argv: list[str]) -> int:
     final = v1["metrics"]["global_step"]
     steps = sorted(int(p.stem.split("-")[1]) for p in snapshots.glob("step-*.safetensors"))
     print(f"{len(steps)} snapshots, steps {steps[0]}-{steps[-1]}; the run's last step {final}", flush=True)
-    versions = {}
+    published = {}
     for fraction in fractions:
         chosen = [s for s in steps if s >= final * (1 - fraction)]
-        versions[fraction] = (publish_average(adapters, snapshots, chosen, {"tail_average": fraction}), len(chosen))
+        published[fraction] = (publish_average(adapters, snapshots, chosen, {"tail_average": fraction}), len(chosen))
+    defaults, log = bench.parse([]), run / "logs" / "tail_averages.log"
     cleanup = bench.Cleanup()
     server = bench.start_vllm(run, v1["base"]["location"], v1["config"]["lora_rank"], cleanup)
     try:
-        for fraction, (version, count) in versions.items():
-            out = subprocess.run([sys.executable, "-m", "arbitrage.cli", "distill", "eval", bench.TRAIN_PATH,
-                                  "--data-dir", str(run / "data"), "--adapter", version, "--vllm-url", server.base_url,
-                                  "--target", "0.99", "--concurrency", "128", "--max-tokens", "32"],
-                                 capture_output=True, text=True, cwd=ROOT)
-            if out.returncode:
-                print(f"tail {fraction}: eval failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
-                continue
-            folder = Path(out.stdout.strip())
+        for fraction, (version, count) in published.items():
+            folder = Path(bench.arbitrage_cli(bench.eval_command(run, version, server.base_url, defaults), log))
             agreement = json.loads((folder / "manifest.json").read_text())["agreement"]
-            found = bench.signals(folder / "predictions.parquet", 0.99)["signals"]
+            found = bench.signals(folder / "predictions.parquet", defaults.target)["signals"]
             joint, least = (found[s]["at_target"]["coverage"] if found[s]["at_target"] else 0.0
                             for s in ("joint", "min"))
             print(f"tail {fraction:.2f} ({version}, {count} snapshots): agreement {agreement:.2%}, "
-                  f"coverage at 99 %: joint {joint:.1%}, min {least:.1%}", flush=True)
+                  f"coverage at {defaults.target:.0%}: joint {joint:.1%}, min {least:.1%}", flush=True)
     finally:
         server.stop()
     return 0
