@@ -407,7 +407,7 @@ class InterruptAfterSave(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_answer_only_loss_equals_the_full_models_loss():
+def test_answer_only_loss_equals_the_full_models_loss_and_gradients():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
@@ -418,12 +418,21 @@ def test_answer_only_loss_equals_the_full_models_loss():
                                          num_attention_heads=2, num_key_value_heads=1))
     ids = torch.randint(0, 64, (3, 9))
     labels = torch.full_like(ids, IGNORE_INDEX)
+    # answers in different columns, so a column some example answers in is a prompt position of another
     labels[0, 5:], labels[1, 3:7], labels[2, 6:8] = ids[0, 5:], ids[1, 3:7], ids[2, 6:8]
     trainer = answer_only_trainer(Trainer).__new__(answer_only_trainer(Trainer))
     full = model(input_ids=ids, labels=labels).loss
-    assert torch.allclose(trainer.compute_loss(model, {"input_ids": ids, "labels": labels}), full)
+    full.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
+    loss.backward()
+    assert torch.allclose(loss, full)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, expected[name], atol=1e-6), name
     summed = trainer.compute_loss(model, {"input_ids": ids, "labels": labels}, num_items_in_batch=torch.tensor(20))
     assert torch.allclose(summed, full * 10 / 20)
+    assert not model.lm_head._forward_pre_hooks, "the head's position hook outlives the step"
 
 
 def _two_example_batch(tokenizer, system_prompt: str) -> dict:
@@ -590,6 +599,46 @@ def test_lora_inputs_left_to_autocast_train_exactly_as_with_peft_casting_them(ba
     assert seen == [torch.float32, torch.float32, torch.bfloat16, torch.bfloat16], "prefix and rest, each way"
     assert len(left_grads) == 3 * 7 * 2 and torch.equal(cast, left)
     assert all(torch.equal(cast_grads[n], left_grads[n]) for n in cast_grads)
+
+
+def test_norm_outputs_cast_once_give_the_same_loss_and_nearly_the_same_gradients(base_folder, tokenizer):
+    """The real base with LoRA, set up as bf16 training sets it up: under autocast the decoder layers' norms
+    hand on bfloat16, the loss is the same to the bit and the LoRA gradients differ by bf16 rounding only (the
+    gradients into a norm are summed in bf16); without autocast nothing changes."""
+    import torch
+
+    from distill.training.train import (cast_norm_outputs_once, set_attention, skip_lora_input_casts,
+                                        store_frozen_linears_in_bf16)
+
+    batch = _two_example_batch(tokenizer, SHORT_PROMPT)
+    model = _lora_model_with_nonzero_b(base_folder)
+    store_frozen_linears_in_bf16(model)
+    skip_lora_input_casts(model)
+    set_attention(model, bf16=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        each, each_grads = _loss_and_grads(model, batch, True)
+    assert cast_norm_outputs_once(model) == 2 * model.config.num_hidden_layers
+    seen = []
+    q_proj = model.base_model.model.model.layers[29].self_attn.q_proj
+    q_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        once, once_grads = _loss_and_grads(model, batch, True)
+    assert torch.equal(each, once) and len(once_grads) == 3 * 7 * 2
+    for name, grad in each_grads.items():
+        assert (once_grads[name] - grad).abs().max() <= 0.05 * grad.abs().max(), name
+    assert seen == [torch.bfloat16, torch.bfloat16], "prefix and rest"
+    norm = model.base_model.model.model.layers[29].input_layernorm
+    assert norm(torch.ones(1, 2, model.config.hidden_size)).dtype == torch.float32, "no autocast, no cast"
+
+
+def test_norm_outputs_are_left_alone_in_a_model_type_not_known_to_be_pre_norm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from distill.training.train import cast_norm_outputs_once
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    assert cast_norm_outputs_once(model) == 0
+    assert not any(module._forward_hooks for module in model.modules())
 
 
 def test_the_speed_measurement_alternates_fp32_and_bf16_and_a_hopeless_bf16_warm_up_ends_it(monkeypatch):

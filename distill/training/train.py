@@ -114,6 +114,7 @@ def train(cfg: TrainConfig, data_dir: Path, command: Sequence[str], *, resume: b
     if precision["bf16"]:
         precision["frozen_linear_weights"] = f"bfloat16 ({store_frozen_linears_in_bf16(model)} layers)"
         precision["lora_input_casts"] = f"off ({skip_lora_input_casts(model)} layers)"
+        precision["norm_outputs"] = f"bfloat16 ({cast_norm_outputs_once(model)} norms)"
     precision["attention"] = set_attention(model, precision["bf16"], cfg.attention)
     bar, guard = TrainingProgress(enabled=progress), DivergenceGuard()
     average = WeightAverage(cfg.average_from, run.checkpoint)
@@ -388,6 +389,36 @@ def skip_lora_input_casts(model) -> int:
     return len(layers)
 
 
+PRE_NORM_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+"""Decoder layers whose ``input_layernorm`` and ``post_attention_layernorm`` feed only linear layers."""
+
+
+def cast_norm_outputs_once(model) -> int:
+    """Under bf16 autocast, hand the decoder layers' pre-norm outputs on in bfloat16 (a forward hook); returns
+    in how many norms (0 for a model type not in ``PRE_NORM_MODEL_TYPES``).
+
+    Each norm's float32 output feeds several linear layers: q, k and v and their LoRA A matrices, or gate and
+    up and theirs. Autocast casts it to bf16 for each of them, and the backward pass casts each gradient back:
+    six casts where one does. Cast once, the matmuls see the same numbers, so the loss does not change; the
+    gradients coming back into the norm are summed in bf16 before the one cast back, which rounds them
+    slightly differently.
+    """
+    import torch
+
+    if model.config.model_type not in PRE_NORM_MODEL_TYPES:
+        return 0
+
+    def to_bf16(module, args, output):
+        return output.to(torch.bfloat16) if torch.is_autocast_enabled("cpu") else output
+
+    count = 0
+    for name, module in model.named_modules():
+        if name.endswith(("input_layernorm", "post_attention_layernorm")):
+            module.register_forward_hook(to_bf16)
+            count += 1
+    return count
+
+
 def final_eval_loss(trainer, again: bool = False) -> float | None:
     """The eval loss of the trained adapter (evaluated now unless the last step already did and not ``again``:
     the weights changed since)."""
@@ -417,7 +448,7 @@ def make_trainer(model, tokenizer, splits: dict[str, EncodedSplit], cfg: TrainCo
         logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
         logging_nan_inf_filter=False,
         train_sampling_strategy="group_by_length", include_num_input_tokens_seen="non_padding",
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, prediction_loss_only=True,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     trainer = answer_only_trainer(Trainer)(model=model, args=args, train_dataset=splits["train"].examples,
@@ -446,7 +477,8 @@ def answer_only_trainer(trainer_class, share_prefix: bool = True):
       (about 11 of 46 tokens of a classification example), but the model would project every
       position onto the whole vocabulary (49,152 for SmolLM2): about a fifth of the model's
       arithmetic, and float32 logits for every prompt token. A batch trains about 1.3-1.4x faster
-      on a 2-core CPU.
+      on a 2-core CPU. The head takes each example's own answer positions (``answer_logits``), not
+      every column where some example of the batch has an answer: 1.37x fewer rows on Banking77.
     - **The prompt's shared beginning once per batch** (``share_prefix``). Every example of a path
       starts with the same tokens: the chat template's opening and the system prompt (16 of about
       49 tokens for Banking77 with a short prompt, hundreds with a path's own long one). A causal
@@ -464,17 +496,11 @@ def answer_only_trainer(trainer_class, share_prefix: bool = True):
             inputs = dict(inputs)
             labels = inputs.pop("labels")
             targets = labels[:, 1:]
-            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+            rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
             prefix = shared_prefix(inputs["input_ids"], inputs.get("attention_mask"), labels) if share_prefix else 0
-            if prefix:
-                outputs = forward_after_prefix(model, inputs, prefix, keep)
-            else:
-                outputs = model(**inputs, logits_to_keep=keep)
-            targets = targets[:, keep]
-            loss = torch.nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), targets.flatten(),
-                                                     ignore_index=IGNORE_INDEX, reduction="sum")
-            loss = loss / (num_items_in_batch if num_items_in_batch is not None
-                           else (targets != IGNORE_INDEX).sum().clamp(min=1))
+            outputs = answer_logits(model, inputs, rows, columns, prefix)
+            loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[rows, columns], reduction="sum")
+            loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(len(rows), 1))
             return (loss, outputs) if return_outputs else loss
 
     return AnswerOnlyTrainer
@@ -499,14 +525,24 @@ def shared_prefix(input_ids, attention_mask, labels) -> int:
     return length if length >= MIN_SHARED_PREFIX else 0
 
 
-def forward_after_prefix(model, inputs: dict[str, Any], prefix: int, keep):
-    """The model's output at positions ``keep``, with the first ``prefix`` tokens computed once for the batch."""
-    ids = inputs["input_ids"]
-    head = model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1)
-    cache = head.cache
-    cache.batch_repeat_interleave(ids.shape[0])
-    rest = {key: value for key, value in inputs.items() if key not in ("input_ids", "position_ids")}
-    return model(input_ids=ids[:, prefix:], cache=cache, use_cache=True, logits_to_keep=keep - prefix, **rest)
+def answer_logits(model, inputs: dict[str, Any], rows, columns, prefix: int = 0):
+    """The model's output with logits only at the positions (``rows``, ``columns``), one row each: the output
+    head sees only those hidden states (a hook on it picks them), and the model's own forward does the rest,
+    so whatever it applies to logits still applies. With ``prefix``, the first ``prefix`` tokens are computed
+    once for the batch and their key/value cache repeated over it."""
+    if prefix:
+        ids = inputs["input_ids"]
+        cache = model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1).cache
+        cache.batch_repeat_interleave(ids.shape[0])
+        rest = {key: value for key, value in inputs.items() if key not in ("input_ids", "position_ids")}
+        inputs = {"input_ids": ids[:, prefix:], "cache": cache, "use_cache": True, **rest}
+    positions = (rows, columns - prefix)
+    hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda head, args: (args[0][positions], *args[1:]))
+    try:
+        return model(**inputs, logits_to_keep=0)
+    finally:
+        hook.remove()
 
 
 class DivergenceGuard(TrainerCallback):
