@@ -40,7 +40,10 @@ def parse(argv: list[str]):
     return parser.parse_args(argv)
 
 
-def batches(args, tokenizer) -> list[dict]:
+def batches(args, tokenizer, grouped: bool = False) -> list[dict]:
+    """``args.batches`` batches of ``args.batch_size`` training texts: the first ones after a seeded shuffle, or
+    (``grouped``) batches spread over an epoch of all of them grouped by length as `distill train` groups them
+    (transformers' ``LengthGroupedSampler``, seed 0)."""
     from transformers import DataCollatorForSeq2Seq
 
     from distill.training.data import ChatEncoder
@@ -49,9 +52,19 @@ def batches(args, tokenizer) -> list[dict]:
     prompt = app_system_prompt() if args.long_prompt else SHORT_PROMPT
     rows = list(csv.DictReader(open(DATA / "train.csv")))
     random.Random(0).shuffle(rows)
+    rows = rows if grouped else rows[:args.batch_size * args.batches]
     examples = [encoder.encode([{"role": "system", "content": prompt}, {"role": "user", "content": row["text"]}],
                                json.dumps({"intent": row["category"]}))
-                for row in rows[:args.batch_size * args.batches]]
+                for row in rows]
+    if grouped:
+        import torch
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        order = list(LengthGroupedSampler(args.batch_size, lengths=[len(e["input_ids"]) for e in examples],
+                                          generator=torch.Generator().manual_seed(0)))
+        every = len(order) // args.batch_size // args.batches
+        examples = [examples[i] for b in range(args.batches)
+                    for i in order[b * every * args.batch_size:][:args.batch_size]]
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     return [collate(examples[i:i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
 
