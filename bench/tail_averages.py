@@ -14,6 +14,7 @@ Results: bench/RESULTS-distill.md ("Weight averaging").
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -47,6 +48,18 @@ def publish_average(adapters: Path, snapshots: Path, steps: list[int], label: di
     return version
 
 
+def run_options(run: Path) -> argparse.Namespace:
+    """The run's own benchmark options (its results.json's config: the same held-out texts and target), over the
+    benchmark's defaults for any it lacks."""
+    options = vars(bench.parse([]))
+    results = run / "results.json"
+    if results.exists():
+        options |= json.loads(results.read_text()).get("config", {})
+    else:
+        print(f"{results} not found: evaluating with the benchmark's default options", flush=True)
+    return argparse.Namespace(**options)
+
+
 def main(argv: list[str]) -> int:
     run, snapshots, fractions = Path(argv[0]), Path(argv[1]), [float(f) for f in argv[2:]]
     adapters = run / "data" / "adapters" / bench.TRAIN_PATH
@@ -58,18 +71,18 @@ def main(argv: list[str]) -> int:
     for fraction in fractions:
         chosen = [s for s in steps if s >= final * (1 - fraction)]
         published[fraction] = (publish_average(adapters, snapshots, chosen, {"tail_average": fraction}), len(chosen))
-    defaults, log = bench.parse([]), run / "logs" / "tail_averages.log"
+    options, log = run_options(run), run / "logs" / "tail_averages.log"
     cleanup = bench.Cleanup()
     server = bench.start_vllm(run, v1["base"]["location"], v1["config"]["lora_rank"], cleanup)
     try:
         for fraction, (version, count) in published.items():
-            folder = Path(bench.arbitrage_cli(bench.eval_command(run, version, server.base_url, defaults), log))
+            folder = Path(bench.arbitrage_cli(bench.eval_command(run, version, server.base_url, options), log))
             agreement = json.loads((folder / "manifest.json").read_text())["agreement"]
-            found = bench.signals(folder / "predictions.parquet", defaults.target)["signals"]
+            found = bench.signals(folder / "predictions.parquet", options.target)["signals"]
             joint, least = (found[s]["at_target"]["coverage"] if found[s]["at_target"] else 0.0
                             for s in ("joint", "min"))
             print(f"tail {fraction:.2f} ({version}, {count} snapshots): agreement {agreement:.2%}, "
-                  f"coverage at {defaults.target:.0%}: joint {joint:.1%}, min {least:.1%}", flush=True)
+                  f"coverage at {options.target:.0%}: joint {joint:.1%}, min {least:.1%}", flush=True)
     finally:
         server.stop()
     return 0
