@@ -16,7 +16,9 @@ weights stored in bf16, peft's LoRA input casts off, eager attention):
 Rounds alternate the settings and flip their order each round; round 1 is a warm-up. Prints each setting's
 loss and largest LoRA-gradient difference from "columns" and from float32 without autocast on the first batch
 (the LoRA B matrices: A's gradients are 0 while B is at its initial 0), training tokens/s
-(non-padding), the median of the other rounds for each setting and the ratios to "columns".
+(non-padding), the median of the other rounds for each setting and the ratios to "columns". The models are
+loaded one after the other in one process; the one loaded first ran slower (RESULTS), so run it both ways
+(``--reverse``).
 Results: bench/RESULTS-distill.md ("The output head at the answer rows").
 """
 from __future__ import annotations
@@ -36,6 +38,8 @@ def parse(argv: list[str]):
     parser.add_argument("--batches", type=int, default=6, help="batches per setting and round")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--reverse", action="store_true",
+                        help="load the models in reverse order (the first one loaded ran slower here)")
     parser.set_defaults(long_prompt=False)
     return parser.parse_args(argv)
 
@@ -81,7 +85,7 @@ def main(argv: list[str]) -> int:
     data = batches(args, load_tokenizer(base), grouped=True)
     cfg = TrainConfig(path="banking77/intents")
     steps, losses, grads = {}, {}, {}
-    for name in SETTINGS:
+    for name in SETTINGS[::-1] if args.reverse else SETTINGS:
         model = load_lora_model(base, cfg)
         model.train()
         store_frozen_linears_in_bf16(model)
@@ -112,7 +116,7 @@ def main(argv: list[str]) -> int:
         print(f"{name:14s} first-batch loss {losses[name]:.6f}; largest LoRA-gradient difference, relative to the "
               f"tensor's largest: from columns {largest_difference(grads[name], grads['columns']):.2e}, "
               f"from float32 {largest_difference(grads[name], exact):.2e}")
-    medians = race(steps, data, args.rounds)
+    medians = race({name: steps[name] for name in SETTINGS}, data, args.rounds)
     for name in SETTINGS[1:]:
         print(f"ratio {name} / columns: {medians[name] / medians['columns']:.2f}x")
     return 0
