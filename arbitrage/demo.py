@@ -26,7 +26,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -706,29 +705,45 @@ def new_run_dir(root: Path) -> Path:
 def run_demo(root: Path, quick: bool, stop_after: str = "roi", vllm_url: str | None = None,
              economics: Economics = Economics()) -> dict[str, Any]:
     """One demo run in a fresh folder below ``root``; every process it starts is stopped before
-    it returns, whether it finishes, fails or is interrupted (Ctrl-C, SIGTERM, SIGHUP). After an
-    interrupt these signals stay ignored: the caller is exiting, and a late Ctrl-C must not turn that
-    exit into a traceback."""
+    it returns, whether it finishes, fails or is interrupted (Ctrl-C, SIGTERM, SIGHUP; see
+    ``_Interrupts``). After an interrupt these signals stay ignored: the caller is exiting, and a late
+    Ctrl-C must not turn that exit into a traceback or a death by SIGINT."""
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     demo = Demo(new_run_dir(root), QUICK if quick else FULL, economics, console, vllm_url)
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
+    interrupts = _Interrupts()
+    previous = {sig: signal.signal(sig, interrupts) for sig in interrupts.SIGNALS}
     try:
         return demo.run(stop_after)
     except KeyboardInterrupt:
         console.print("\n[bold]interrupted[/]: stopping every process the demo started")
         raise
     finally:
-        for sig in previous:  # a second Ctrl-C must not cut the clean-up short
-            signal.signal(sig, signal.SIG_IGN)
-        interrupted = isinstance(sys.exc_info()[1], KeyboardInterrupt)  # also a press that landed in this block
+        interrupts.closing = True  # a Ctrl-C from here on must not cut the clean-up short
         demo.close()
-        if not interrupted:  # an interrupted demo is on its way out: a late Ctrl-C stays ignored until it exits
+        if not interrupts.raised:  # an interrupted demo is on its way out: a late Ctrl-C stays ignored until it exits
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+class _Interrupts:
+    """The demo's handler for Ctrl-C, SIGTERM and SIGHUP. The first one sets all three to ignored (at the
+    OS level: a handler written in Python is reset to the default action when the interpreter shuts down,
+    so a late press would kill the exiting process) and, unless the clean-up has begun, raises
+    KeyboardInterrupt. Deciding in the handler leaves no moment between two statements where a second
+    press could cut the clean-up short or escape as a traceback."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.closing = False
+
+    def __call__(self, signum, frame) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.closing:
+            return
+        self.raised = True
+        raise KeyboardInterrupt

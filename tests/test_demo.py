@@ -92,6 +92,34 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path):
     assert not any(alive(s["pid"]) for s in servers.values())
 
 
+def test_the_first_interrupt_raises_once_and_every_later_one_is_ignored_at_the_os_level():
+    from arbitrage.demo import _Interrupts
+
+    interrupts = _Interrupts()
+    previous = {sig: signal.signal(sig, interrupts) for sig in interrupts.SIGNALS}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; the sleep is cut short by it
+        assert interrupts.raised
+        # Ignored by the OS, not by a Python handler: the interpreter resets those to the default action as it
+        # shuts down, and a late press would then kill the exiting demo.
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in interrupts.SIGNALS)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+
+        closing = _Interrupts()
+        closing.closing = True  # the clean-up has begun: a press is ignored from then on and raises nothing
+        signal.signal(signal.SIGINT, closing)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert not closing.raised and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def wait_for_servers(root: Path, names: tuple[str, ...], timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
