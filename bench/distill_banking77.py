@@ -261,6 +261,8 @@ def recipe_args(args, max_steps: int | None = None) -> list[str]:
         options += ["--lora-layers", str(args.lora_layers)]
     if args.average_from is not None:
         options += ["--average-from", str(args.average_from)]
+    if args.weight_decay:
+        options += ["--weight-decay", str(args.weight_decay)]
     max_steps = max_steps or args.max_steps
     return options + (["--max-steps", str(max_steps)] if max_steps else ["--epochs", str(args.epochs)])
 
@@ -562,6 +564,7 @@ def parse(argv: list[str]):
     p.add_argument("--lora-layers", type=int, help="LoRA in the last N decoder layers only [all]")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--loraplus-ratio", type=float, help="LoRA+: B matrices at this many times --lr [plain LoRA]")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--schedule", default="linear")
     p.add_argument("--epochs", type=float, default=2.4,
