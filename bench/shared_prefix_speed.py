@@ -103,26 +103,6 @@ def race(steps: dict[str, Callable[[dict], None]], data: list[dict], rounds: int
     return medians
 
 
-def race_models(trainer, models: dict, data: list[dict], rounds: int, bf16: bool = False) -> dict[str, float]:
-    """``race`` of ``training_step`` with ``trainer``'s loss on each of ``models``, each with its own AdamW
-    (lr 1e-3)."""
-    import torch
-
-    steps = {}
-    for name, model in models.items():
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        steps[name] = training_step(trainer, model, optimizer, bf16)
-    return race(steps, data, rounds)
-
-
-def first_batch_losses(trainer, models: dict, batch: dict, bf16: bool = False) -> dict[str, float]:
-    """``trainer``'s loss of each of ``models`` on ``batch`` (no gradients; under bf16 autocast if ``bf16``)."""
-    import torch
-
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return {name: float(trainer.compute_loss(model, dict(batch))) for name, model in models.items()}
-
-
 def main(argv: list[str]) -> int:
     import torch
     from transformers import Trainer

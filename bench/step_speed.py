@@ -22,14 +22,18 @@ Settings (each one differs from "product" in one choice):
 
 Every setting runs the product's training step (loss, backward, AdamW) on the same Banking77 batches, spread
 over an epoch grouped by length as `distill train` groups them (bench/shared_prefix_speed.py's
-``batches(grouped=True)``), from the same seeded LoRA model (all layers, rank 16). Each round runs each setting
-in a fresh process, in the settings' order and reversed the next round; a process loads its model, runs two
-warm-up batches and times the others. Races that loaded every model into one process were biased: the model
-loaded first ran slower (up to 1.1x; RESULTS "The output head at the answer rows"), whichever setting it was.
+``batches(grouped=True)``), from the same seeded LoRA model (all layers, rank 16). Every run is a fresh process:
+it loads its model, runs two warm-up batches and times the others. Races that loaded every model into one
+process were biased: the model loaded first ran slower (up to 1.1x; RESULTS "The output head at the answer
+rows"), whichever setting it was. A round runs "product" first, last and between every two other settings
+(their order reversed every other round), and each other setting is compared with the mean of the product
+runs on either side of it: this machine's speed drifts by 10 % and more within minutes, so a ratio of
+medians over far-apart runs is not to be trusted.
 
 Prints each setting's first-batch loss and its largest LoRA-gradient difference, relative to the tensor's
 largest, from "product" and from "float32" (the LoRA B matrices: A's gradients are 0 while B is at its initial
-0); then training tokens/s (non-padding) of every process, each setting's median and its ratio to "product".
+0); then training tokens/s (non-padding) of every run and each setting's ratio to its neighbouring product
+runs, per round and the median.
 Results: bench/RESULTS-distill.md ("Every step choice raced in fresh processes").
 """
 from __future__ import annotations
@@ -61,6 +65,7 @@ def parse(argv: list[str]):
     parser.add_argument("--long-prompt", action="store_true", help="train with the app's own system prompt")
     parser.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
     parser.add_argument("--gradients", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.settings = [s.strip() for s in args.settings.split(",")]
     unknown = set(args.settings) - set(SETTINGS)
@@ -108,12 +113,12 @@ def worker(args) -> dict:
 
     from distill.base import DEFAULT_BASE, resolve_base
     from distill.training.config import TrainConfig
-    from distill.training.train import (answer_only_trainer, cast_norm_outputs_once, load_lora_model, load_tokenizer,
+    from distill.training.train import (answer_only_trainer, cast_norm_outputs_once, load_lora_model,
                                         set_attention, skip_lora_input_casts, store_frozen_linears_in_bf16)
 
     setting = args.worker
     base = resolve_base(DEFAULT_BASE)
-    data = batches(args, load_tokenizer(base), grouped=True)
+    data = torch.load(args.data)
     cfg = TrainConfig(path="banking77/intents")
     model = load_lora_model(base, cfg)
     model.train()
@@ -153,9 +158,7 @@ def worker(args) -> dict:
 
 
 def run_worker(args, setting: str, gradients: Path | None) -> dict:
-    command = [sys.executable, __file__, "--worker", setting, "--batches", str(args.batches),
-               "--batch-size", str(args.batch_size)]
-    command += ["--long-prompt"] if args.long_prompt else []
+    command = [sys.executable, __file__, "--worker", setting, "--data", args.data]
     command += ["--gradients", str(gradients)] if gradients else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -178,31 +181,55 @@ def print_first_batch(settings: list[str], saved: dict[str, Path]) -> None:
               f"from float32 {largest_difference(gradients, first['float32']['gradients']):.2e}", flush=True)
 
 
+def bracketed(settings: list[str], round_: int) -> list[str]:
+    """One round's processes: "product" first, last and between every two other settings, which come in the
+    settings' order, reversed every other round."""
+    others = [name for name in settings if name != "product"]
+    order = ["product"]
+    for name in others[::-1] if round_ % 2 else others:
+        order += [name, "product"]
+    return order
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
         return 0
 
+    import torch
+
+    from distill.base import DEFAULT_BASE, resolve_base
+    from distill.training.train import load_tokenizer
+
     speeds: dict[str, list[float]] = {name: [] for name in args.settings}
-    order = list(args.settings)
+    ratios: dict[str, list[float]] = {name: [] for name in args.settings if name != "product"}
     with tempfile.TemporaryDirectory() as folder:
         saved = {name: Path(folder, f"{i}.pt") for i, name in enumerate(SETTINGS)}
+        args.data = str(Path(folder, "batches.pt"))  # encoded once here, read by every run
+        data = batches(args, load_tokenizer(resolve_base(DEFAULT_BASE)), grouped=True)
+        torch.save([dict(batch) for batch in data], args.data)
         for round_ in range(args.rounds):
-            for name in order:
-                result = run_worker(args, name, saved[name] if round_ == 0 else None)
+            order = bracketed(args.settings, round_)
+            results = []
+            for i, name in enumerate(order):
+                result = run_worker(args, name, saved[name] if round_ == 0 and name not in order[:i] else None)
+                results.append(result["tokens_per_s"])
                 speeds[name].append(result["tokens_per_s"])
                 print(f"round {round_ + 1} {name} ({result['attention']}): {result['tokens_per_s']:.0f} tokens/s",
                       flush=True)
+            for i in range(1, len(order), 2):  # each other setting against the product runs on either side
+                ratios[order[i]].append((results[i - 1] + results[i + 1]) / 2 / results[i])
             if round_ == 0:
                 if "float32" not in args.settings:
                     run_worker(args, "float32", saved["float32"])  # the exact gradients, untimed
                 print_first_batch(args.settings, saved)
-            order.reverse()
-    medians = {name: statistics.median(values) for name, values in speeds.items()}
-    for name, value in medians.items():
-        print(f"{name:24s} rounds {[round(v) for v in speeds[name]]} median {value:.0f} tokens/s, "
-              f"product / {name}: {medians['product'] / value:.2f}x")
+    print(f"{'product':24s} runs {[round(v) for v in speeds['product']]} median "
+          f"{statistics.median(speeds['product']):.0f} tokens/s")
+    for name, values in ratios.items():
+        print(f"{name:24s} runs {[round(v) for v in speeds[name]]} median {statistics.median(speeds[name]):.0f} "
+              f"tokens/s; product / {name}, against the product runs on either side: rounds "
+              f"{[round(r, 2) for r in values]}, median {statistics.median(values):.2f}x")
     return 0
 
 

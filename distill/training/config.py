@@ -70,7 +70,7 @@ class TrainConfig(DocumentedFields):
         "bfloat16 autocast on the CPU: 'auto' measures fp32 and bf16 training speed (alternating) once per "
         "machine, base model and LoRA layout (cached beside the base models) and uses the faster.", default="auto")
     attention: Literal["auto", "eager", "sdpa"] = _help(
-        "Attention implementation: 'auto' runs transformers' eager attention under bf16 (1.23x the tokens/s of "
+        "Attention implementation: 'auto' runs transformers' eager attention under bf16 (1.26x the tokens/s of "
         "PyTorch's fused kernel on a 2-core avx512_bf16 CPU) and the loaded one (SDPA) in float32; 'sdpa' keeps "
         "the fused kernel, which stores no attention probabilities (less memory for long inputs).",
         default="auto")
