@@ -58,7 +58,7 @@ BF16_ATTENTION = "eager"
 """The attention under bf16 autocast: transformers' eager one (two matmuls and a softmax) rather than
 PyTorch's fused kernel (SDPA), whose bf16 path on a CPU is slow: a training step with the short prompt ran
 1.26x faster with eager attention on a 2-core avx512_bf16 EPYC (bench/step_speed.py), and 1.22x with the app's
-long prompt; in float32 the two were about level. Eager attention keeps each layer's
+long prompt; in float32 SDPA was as fast or faster (1.02-1.08x). Eager attention keeps each layer's
 attention probabilities (batch x heads x queries x keys) for the backward pass, which the fused kernel does
 not: with the batch's shared prompt beginning computed once (``answer_only_trainer``), the queries are
 only the examples' own tokens."""
@@ -355,7 +355,8 @@ def store_frozen_linears_in_bf16(model) -> int:
     Autocast would cast each of them to bfloat16 on every forward pass (it caches casts only of weights that
     train), so the matmuls see the same numbers either way: the loss and gradients do not change, a step
     skips converting about 100M weights, and the weights take half the memory. The speed gain is small:
-    1.06x side by side on a 2-core avx512_bf16 EPYC (bench/step_speed.py), within the noise of a whole run. The LoRA weights stay float32 for the optimizer, and so do the embeddings and the
+    1.06x side by side on a 2-core avx512_bf16 EPYC (bench/step_speed.py), within the noise of a whole run.
+    The LoRA weights stay float32 for the optimizer, and so do the embeddings and the
     output head (tied to the embeddings in SmolLM2) and the norms, which autocast does not cast: the residual
     stream stays float32.
     """
