@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_prefix_speed import batches  # noqa: E402 (puts the project on sys.path)
+from shared_prefix_speed import batches, training_step  # noqa: E402 (puts the project on sys.path)
 
 SETTINGS = ("product", "sdpa", "weights cast each pass", "peft casts", "norms per consumer", "columns", "float32",
             "float32 eager")
@@ -143,18 +143,16 @@ def worker(args) -> dict:
     model.zero_grad(set_to_none=True)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    tokens, started = 0, 0.0
-    for i, batch in enumerate(data):
-        if i == WARM_UP_BATCHES:
-            started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            step_loss = trainer.compute_loss(model, dict(batch))
-        step_loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= WARM_UP_BATCHES:
-            tokens += int(batch["attention_mask"].sum())
-    return {"setting": setting, "attention": attention, "tokens_per_s": tokens / (time.perf_counter() - started)}
+    step = training_step(trainer, model, optimizer, bf16)
+    for batch in data[:WARM_UP_BATCHES]:
+        step(batch)
+    timed = data[WARM_UP_BATCHES:]
+    started = time.perf_counter()
+    for batch in timed:
+        step(batch)
+    seconds = time.perf_counter() - started
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in timed)
+    return {"setting": setting, "attention": attention, "tokens_per_s": tokens / seconds}
 
 
 def run_worker(args, setting: str, gradients: Path | None) -> dict:
