@@ -229,6 +229,13 @@ class LocalSettings(_Section):
     """Weights and activations of the served model (vLLM's --dtype). auto: vLLM's own choice (the model's,
     bfloat16 for SmolLM2) on a GPU or on a CPU with bfloat16 instructions (avx512_bf16, amx_bf16, Arm bf16);
     float32 on a CPU without them, where bfloat16 serves several times slower (bench/vllm_cpu.py)."""
+    draft_answers: bool | None = None
+    """Speculative decoding from the answers given before (deploy/vllm_cpu_lora/arbitrage_vllm_answers.py): the
+    same answers and log-probs in fewer passes over the model, for a path whose answers repeat. Unset: on
+    without a GPU, where ``scripts/install`` puts the proposer into vLLM's environment and each answer token
+    costs a pass over the weights (2.7x faster local answers on 2 AVX2 cores, bench/RESULTS-distill.md)."""
+    draft_tokens: int = 8
+    """Longest draft checked in one pass, with ``draft_answers``."""
     extra_args: list[str] = msgspec.field(default_factory=list)
     """More vLLM server arguments, as given (after arbitrage's own, so they win)."""
     startup_timeout_s: float = 600.0
@@ -241,8 +248,9 @@ class LocalSettings(_Section):
             raise ValueError(f"local.url must be an http(s) URL, got {self.url!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"local.port must be 1-65535, got {self.port}")
-        if min(self.max_model_len, self.max_lora_rank, self.max_loras, self.kv_cache_gib) < 1:
-            raise ValueError("local: max_model_len, max_lora_rank, max_loras and kv_cache_gib must be at least 1")
+        if min(self.max_model_len, self.max_lora_rank, self.max_loras, self.kv_cache_gib, self.draft_tokens) < 1:
+            raise ValueError("local: max_model_len, max_lora_rank, max_loras, kv_cache_gib and draft_tokens must be "
+                             "at least 1")
         if self.reserved_cpus is not None and self.reserved_cpus < 0:
             raise ValueError(f"local.reserved_cpus must be 0 or more, got {self.reserved_cpus}")
 

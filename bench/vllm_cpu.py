@@ -20,6 +20,11 @@ Settings (environment of the vLLM process; see deploy/vllm.py):
   tcmalloc (Debian libtcmalloc-minimal4), which vLLM's CPU worker asks for at start.
 - no-reserve: `[local] reserved_cpus = 0`, VLLM_CPU_NUM_OF_RESERVED_CPU=0 (the engine's OpenMP
   threads on both cores; vLLM keeps one core for its API server by default).
+- nobind: VLLM_CPU_OMP_THREADS_BIND=nobind, the engine's OpenMP threads not pinned to cores (vLLM pins
+  them by default), so the OS may move them off a core that its scheduler or API server needs.
+- drafts: `[local] draft_answers`, speculative decoding with arbitrage's proposer, which drafts each answer
+  from the answers given before (deploy/vllm_cpu_lora/arbitrage_vllm_answers.py); the other settings
+  leave it off.
 - bfloat16, float32: the last setting (arbitrage's default on a machine of up to 4 cores) with
   `[local] dtype` set. The other settings take `[local] dtype = "auto"`, which picks float32 on a CPU
   without bfloat16 instructions (so there "stock" is vLLM's defaults but for the dtype).
@@ -62,6 +67,9 @@ def settings() -> dict[str, tuple[dict, dict[str, str]]]:
         "stock+preload+no-reserve": ({"preload": True, "reserved_cpus": 0}, stock),
         "grouped": (plain, {}),
         "grouped+preload+no-reserve": ({"preload": True, "reserved_cpus": 0}, {}),
+        "grouped+preload": ({"preload": True, "reserved_cpus": 1}, {}),
+        "grouped+preload+nobind": ({"preload": True, "reserved_cpus": 0}, {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}),
+        "grouped+preload+no-reserve+drafts": ({"preload": True, "reserved_cpus": 0, "draft_answers": True}, {}),
         "bfloat16": ({"preload": True, "reserved_cpus": 0, "dtype": "bfloat16"}, {}),
         "float32": ({"preload": True, "reserved_cpus": 0, "dtype": "float32"}, {}),
     }
@@ -71,7 +79,7 @@ def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, ro
             out: Path) -> list[dict]:
     """One vLLM with this setting; the rows sent once per config (concurrency), in turn."""
     settings = LocalSettings(served_model_name="base", max_loras=1, max_lora_rank=16, max_model_len=1024,
-                             startup_timeout_s=900, **fields)
+                             startup_timeout_s=900, **{"draft_answers": False, **fields})
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     server = LocalServer(settings, base, out / name.replace("+", "-"), port=free_port())

@@ -18,13 +18,16 @@ its LoRA ops copy every adapter matrix once per token; ``scripts/install`` adds 
 (``deploy/vllm_cpu_lora``) with grouped ops, one matmul per adapter. The server also gets Intel
 OpenMP and tcmalloc preloaded (``[local] preload``) and, on small machines, no core kept back for
 vLLM's API server (``[local] reserved_cpus``). On a CPU without bfloat16 instructions (AVX2 only) it
-serves in float32 (``[local] dtype``).
+serves in float32 (``[local] dtype``). Without a GPU, answers are drafted from the answers given before
+and checked in one pass (``[local] draft_answers``, speculative decoding with the same plugin package's
+proposer): each answer token otherwise costs a pass over the weights.
 """
 
 from __future__ import annotations
 
 import ctypes.util
 import functools
+import json
 import os
 import shutil
 import signal
@@ -47,6 +50,8 @@ PYTHON_ENV = "ARBITRAGE_VLLM_PYTHON"
 PID_FILE = "vllm.pid"
 LOG_FILE = "vllm.log"
 _LOG_TAIL_LINES = 15
+ANSWER_PROPOSER = "arbitrage_vllm_answers.AnswerProposer"
+"""Drafts answers from the answers given before (``[local] draft_answers``; in deploy/vllm_cpu_lora)."""
 SMALL_MACHINE_CPUS = 4
 """Up to this many cores, vLLM's CPU build keeps none for its API server (it keeps one by default)."""
 
@@ -137,6 +142,9 @@ class LocalServer:
         dtype = served_dtype(s, gpu=gpu, flags=set() if gpu else cpu_flags())
         if dtype:
             cmd += ["--dtype", dtype]
+        if s.draft_answers if s.draft_answers is not None else not gpu:
+            cmd += ["--speculative-config", json.dumps({"method": "custom_class", "model": ANSWER_PROPOSER,
+                                                        "num_speculative_tokens": s.draft_tokens})]
         return cmd + list(s.extra_args)
 
     def environment(self) -> dict[str, str]:

@@ -13,8 +13,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from arbitrage.config import load_config
-from deploy.vllm import SMALL_MACHINE_CPUS
+import deploy.vllm
+from arbitrage.config import LocalSettings, load_config
+from deploy.vllm import SMALL_MACHINE_CPUS, LocalServer
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -137,6 +138,19 @@ def test_compose_cpu_image_installs_the_grouped_lora_plugin_from_its_build_conte
     assert sources and all((context / source).is_file() for source in sources)
     assert "vllm.general_plugins" in (context / "pyproject.toml").read_text()  # how vLLM finds the plugin
     assert "libiomp5.so" in dockerfile_instruction(dockerfile, "ENV")
+
+
+def test_compose_cpu_image_drafts_answers_as_arbitrage_local_up_does(monkeypatch):
+    """The vllm-cpu service's --speculative-config names a proposer its image installs, as `arbitrage local up`
+    passes it on a machine without a GPU ([local] draft_answers)."""
+    context, dockerfile = cpu_image()
+    command = rendered_services()["vllm-cpu"]["command"]
+    spec = json.loads(command[command.index("--speculative-config") + 1])
+    module = spec["model"].split(".")[0]
+    assert f"{module}.py" in dockerfile_instruction(dockerfile, "COPY").split() and (context / f"{module}.py").is_file()
+    monkeypatch.setattr(deploy.vllm, "has_gpu", lambda: False)
+    local_up = LocalServer(LocalSettings(python="python"), "base", Path("/nonexistent")).command()
+    assert spec == json.loads(local_up[local_up.index("--speculative-config") + 1])
 
 
 @pytest.mark.parametrize(("cores", "reserved", "expected"),

@@ -1,22 +1,27 @@
 """What makes vLLM's CPU build fast here (bench/vllm_cpu.py measures it): the grouped LoRA ops
 (deploy/vllm_cpu_lora, a vLLM plugin) against vLLM's own, run in vLLM's environment (.venv-vllm);
 the plugin at work in the session's real vLLM; the server's environment (preloaded libraries,
-reserved cores) and the dtype it serves in."""
+reserved cores) and the dtype it serves in; answers drafted from the answers given before
+(speculative decoding with deploy/vllm_cpu_lora/arbitrage_vllm_answers.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 
 import deploy.vllm
 from arbitrage.config import LocalSettings, load_config
 from arbitrage.errors import ConfigError
 from arbitrage.machine import cpu_flags, cpu_name
-from deploy.vllm import LocalServer, vllm_python
+from deploy.vllm import LocalClient, LocalServer, free_port, vllm_python
+from tests.conftest import INTENTS_PATH, INTENTS_PROMPT, VLLM_MODEL, banking77
 
 COMPARE = r"""
 import json, torch
@@ -155,3 +160,109 @@ def test_a_dtype_vllm_does_not_serve_is_a_config_error(tmp_path):
     config.write_text('[local]\ndtype = "int8"\n')
     with pytest.raises(ConfigError, match=r"local\.dtype"):
         load_config(config)
+
+
+# The answer proposer (deploy/vllm_cpu_lora/arbitrage_vllm_answers.py) is plain Python over numpy arrays:
+# its logic is tested here, its work inside vLLM below.
+sys.path.insert(0, str(Path(__file__).parent.parent / "deploy" / "vllm_cpu_lora"))
+import arbitrage_vllm_answers as answers
+
+
+def test_answers_are_drafted_from_the_most_frequent_answer_given_before():
+    trie = answers.AnswerTrie()
+    assert trie.draft(trie.observe([5], 1), 8) == [], "nothing seen: nothing drafted"
+    for answer in ([5, 6, 7, 9], [5, 6, 8, 9], [5, 6, 8, 9]):
+        for end in range(2, len(answer) + 1):  # one token a step, as vLLM reports them
+            trie.observe(answer[:end], 1)
+    assert trie.draft(trie.observe([5], 1), 8) == [6, 8, 9], "the most frequent continuation"
+    assert trie.draft(trie.observe([5, 6], 1), 1) == [8], "at most the draft limit"
+    assert trie.draft(trie.observe([5, 6, 7], 1), 8) == [9], "the rest of the answer so far"
+    assert trie.draft(trie.observe([4], 1), 8) == [], "an answer never seen"
+
+
+def test_tokens_drafted_and_then_accepted_are_counted_once():
+    trie = answers.AnswerTrie()
+    trie.observe([5, 6], 2)
+    trie.observe([5, 6, 7, 8], 2)  # a step that accepted a draft: two new tokens
+    assert [trie.root[5][0], trie.root[5][1][6][0], trie.root[5][1][6][1][7][0]] == [1, 1, 1]
+
+
+def test_a_full_trie_stops_growing_but_still_drafts_what_it_holds():
+    trie = answers.AnswerTrie(max_nodes=3)
+    trie.observe([1, 2, 3], 3)
+    assert trie.observe([1, 2, 3, 4], 1) is None and trie.nodes == 3
+    assert trie.observe([7], 1) is None, "no room for a new answer"
+    assert trie.draft(trie.observe([1], 1), 8) == [2, 3]
+
+
+def test_the_answer_starts_after_the_last_assistant_header():
+    header = [1, 9, 2]
+    context = np.array([1, 9, 2, 40, 1, 4, 1, 9, 2, 50, 51])
+    assert answers.answer_start(context, header) == 9
+    assert answers.answer_start(np.array([1, 9, 3, 50]), header) is None
+    assert answers.answer_start(context, []) is None, "a template the proposer does not know: no drafts"
+
+
+def test_answers_are_drafted_without_a_gpu_and_not_with_one(monkeypatch):
+    monkeypatch.setattr(deploy.vllm, "has_gpu", lambda: False)
+    cmd = command()
+    spec = json.loads(cmd[cmd.index("--speculative-config") + 1])
+    assert spec == {"method": "custom_class", "model": "arbitrage_vllm_answers.AnswerProposer",
+                    "num_speculative_tokens": 8}
+    cmd = command(draft_tokens=4)
+    assert json.loads(cmd[cmd.index("--speculative-config") + 1])["num_speculative_tokens"] == 4
+    assert "--speculative-config" not in command(draft_answers=False)
+    monkeypatch.setattr(deploy.vllm, "has_gpu", lambda: True)
+    assert "--speculative-config" not in command(), "a GPU: vLLM's own decoding (the plugin is CPU-only)"
+    assert "--speculative-config" in command(draft_answers=True)
+    with pytest.raises(ValueError, match="draft_tokens must be at least 1"):
+        LocalSettings(draft_tokens=0)
+
+
+def ask_twice(base_url: str, model: str, texts: list[str]) -> list[dict]:
+    """Each text's answer and per-token log-probs, asked twice in a row (the second time, a drafting
+    server has seen the answer)."""
+    out = []
+    for text in texts + texts:
+        reply = httpx.post(f"{base_url}/chat/completions", timeout=120, json={
+            "model": model, "max_tokens": 24, "temperature": 0, "logprobs": True,
+            "messages": [{"role": "system", "content": INTENTS_PROMPT}, {"role": "user", "content": text}]})
+        reply.raise_for_status()
+        choice = reply.json()["choices"][0]
+        out.append({"answer": choice["message"]["content"],
+                    "logprobs": [t["logprob"] for t in choice["logprobs"]["content"]]})
+    return out
+
+
+def test_drafted_answers_and_their_log_probs_are_the_models_own(vllm, intents_adapter, tmp_path):
+    """The session's vLLM drafts answers (the default without a GPU); a second one that does not must give
+    the same answers and log-probs, and the first must have accepted drafted tokens."""
+    assert "Loaded custom proposer class 'arbitrage_vllm_answers.AnswerProposer'" in vllm.log_path.read_text(
+        errors="replace")
+    folder = intents_adapter / "adapters" / INTENTS_PATH / "v1"
+    texts = banking77("card_arrival", every=20)[:3] + banking77(other_than="card_arrival", every=900)[:3]
+    plain = LocalServer(LocalSettings(served_model_name=VLLM_MODEL, max_loras=2, max_lora_rank=16,
+                                      startup_timeout_s=300, draft_answers=False),
+                        str(vllm.base_location), tmp_path / "plain", port=free_port())
+    plain.start()
+    try:
+        results = {}
+        for name, server in {"drafting": vllm, "plain": plain}.items():
+            client = LocalClient(server.base_url)
+            try:
+                client.load_adapter("drafts", folder)
+                results[name] = ask_twice(server.base_url, "drafts", texts)
+            finally:
+                client.unload_adapter("drafts")
+                client.close()
+        assert "Loaded custom proposer class" not in plain.log_path.read_text(errors="replace")
+        metrics = httpx.get(vllm.base_url.removesuffix("/v1") + "/metrics", timeout=30).text
+    finally:
+        plain.stop()
+    assert [r["answer"] for r in results["drafting"]] == [r["answer"] for r in results["plain"]]
+    for drafted, own in zip(results["drafting"], results["plain"], strict=True):
+        assert len(drafted["logprobs"]) == len(own["logprobs"]), (drafted, own)
+        assert max(abs(a - b) for a, b in zip(drafted["logprobs"], own["logprobs"], strict=True)) < 2e-3
+    accepted = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("vllm:spec_decode_num_accepted_tokens_total"))
+    assert accepted > 0, "repeated answers were drafted and the model accepted the drafts"
