@@ -142,7 +142,8 @@ class LocalServer:
         dtype = served_dtype(s, gpu=gpu, flags=set() if gpu else cpu_flags())
         if dtype:
             cmd += ["--dtype", dtype]
-        if s.draft_answers if s.draft_answers is not None else not gpu:
+        drafting = not gpu if s.draft_answers is None else s.draft_answers
+        if drafting:
             cmd += ["--speculative-config", json.dumps({"method": "custom_class", "model": ANSWER_PROPOSER,
                                                         "num_speculative_tokens": s.draft_tokens})]
         return cmd + list(s.extra_args)

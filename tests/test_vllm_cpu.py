@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 
@@ -21,7 +22,7 @@ from arbitrage.config import LocalSettings, load_config
 from arbitrage.errors import ConfigError
 from arbitrage.machine import cpu_flags, cpu_name
 from deploy.vllm import LocalClient, LocalServer, free_port, vllm_python
-from tests.conftest import INTENTS_PATH, INTENTS_PROMPT, VLLM_MODEL, banking77
+from tests.conftest import INTENTS_PATH, INTENTS_PROMPT, banking77
 
 COMPARE = r"""
 import json, torch
@@ -241,9 +242,8 @@ def test_drafted_answers_and_their_log_probs_are_the_models_own(vllm, intents_ad
         errors="replace")
     folder = intents_adapter / "adapters" / INTENTS_PATH / "v1"
     texts = banking77("card_arrival", every=20)[:3] + banking77(other_than="card_arrival", every=900)[:3]
-    plain = LocalServer(LocalSettings(served_model_name=VLLM_MODEL, max_loras=2, max_lora_rank=16,
-                                      startup_timeout_s=300, draft_answers=False),
-                        str(vllm.base_location), tmp_path / "plain", port=free_port())
+    plain = LocalServer(msgspec.structs.replace(vllm.settings, draft_answers=False), vllm.base_location,
+                        tmp_path / "plain", port=free_port())
     plain.start()
     try:
         results = {}
