@@ -296,14 +296,21 @@ def train_for(args: list[str], seconds: float, run: Path, log: Path) -> tuple[st
     with open(log, "a") as err:
         err.write(f"\n$ arbitrage {shlex.join(args)}  (time budget {seconds / 60:.0f} min)\n")
         err.flush()
-        proc = subprocess.Popen(ARBITRAGE + args, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        # Ctrl-C is how the time is called, so the training must not inherit an ignored SIGINT (as it does
+        # when this benchmark runs in the background of a script: `nohup ... &`)
+        proc = subprocess.Popen(ARBITRAGE + args, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         interrupted = False
         try:
-            out, _ = proc.communicate(timeout=seconds)
+            try:
+                out, _ = proc.communicate(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                interrupted = True
+                proc.send_signal(signal.SIGINT)
+                out, _ = proc.communicate(timeout=300)  # it may have finished just then (status 0, the adapter's folder)
         except subprocess.TimeoutExpired:
-            interrupted = True
-            proc.send_signal(signal.SIGINT)
-            out, _ = proc.communicate(timeout=300)  # it may have finished just then (status 0, the adapter's folder)
+            proc.kill()
+            raise RuntimeError(f"training did not stop within 5 minutes of Ctrl-C at its time budget; see {log}") from None
         except BaseException:
             proc.kill()
             raise
