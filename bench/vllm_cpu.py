@@ -8,8 +8,10 @@ same held-out inputs exactly as `arbitrage distill eval` and the local route ask
 log-probs, 32 tokens at most), with 32 in flight (or each of several `--concurrency` values in turn
 against the same server: then a setting is reported as name@concurrency). Settings run in turn,
 round after round (A B C A B C), so that a noisy neighbour hurts each of them alike; the report
-gives each one's median requests/s over the rounds and its ratio to the first. Answers are compared
-with the first setting's so that a faster setting that answers differently is seen.
+gives each one's median requests/s over the rounds and its ratio to the first. Answers and their
+confidence (the joint probability the router gates on) are compared with the first setting's, and
+each setting's agreement with the teacher is given, so that a faster setting that answers differently
+is seen.
 
 Settings (environment of the vLLM process; see deploy/vllm.py):
 - stock: vLLM's own CPU LoRA ops (ARBITRAGE_LORA_OPS=stock), no preloaded libraries, vLLM's
@@ -50,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 from arbitrage.config import LocalSettings
 from arbitrage.machine import cpu_flags, cpu_name
 from deploy.vllm import BF16_CPU_FLAGS, LocalClient, LocalServer, free_port
-from distill.evaluation import EvalConfig, ask_all, eval_rows, find_adapter
+from distill.evaluation import EvalConfig, ask_all, default_comparator, eval_rows, find_adapter
+from router.comparators import make_comparator
+from router.policy import ComparatorSpec
 
 WORK = ROOT / "bench" / ".work"
 PATH = "banking77/intents"
@@ -76,7 +80,7 @@ def settings() -> dict[str, tuple[dict, dict[str, str]]]:
 
 
 def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, rows, cfgs: list[EvalConfig],
-            out: Path) -> list[dict]:
+            comparator, out: Path) -> list[dict]:
     """One vLLM with this setting; the rows sent once per config (concurrency), in turn."""
     settings = LocalSettings(served_model_name="base", max_loras=1, max_lora_rank=16, max_model_len=1024,
                              startup_timeout_s=900, **{"draft_answers": False, **fields})
@@ -96,12 +100,20 @@ def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, ro
             results.append({"requests_per_s": len(rows) / seconds, "seconds": seconds,
                             "errors": sum(p.error is not None for p in predictions),
                             "median_latency_ms": statistics.median(p.latency_ms for p in predictions),
-                            "answers": [p.answer for p in predictions]})
+                            "agreement": sum(p.answer is not None and comparator.compare(p.expected, p.answer).agreed
+                                             for p in predictions) / len(predictions),
+                            "answers": [p.answer for p in predictions],
+                            "confidences": [p.confidence for p in predictions]})
     finally:
         server.stop()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     return results
+
+
+def confidence_difference(confidences: list[float], reference: list[float]) -> list[float]:
+    differences = [abs(a - b) for a, b in zip(confidences, reference, strict=True)]
+    return [round(statistics.median(differences), 6), round(max(differences), 6)]
 
 
 def main() -> None:
@@ -117,6 +129,7 @@ def main() -> None:
     run = args.run.resolve()
     adapter = find_adapter(run / "data" / "adapters", args.path, None)
     rows = eval_rows(adapter, args.examples)
+    comparator = make_comparator(ComparatorSpec(name=default_comparator(adapter)))
     cfgs = [EvalConfig(path=args.path, concurrency=c, max_tokens=32) for c in args.concurrency]
     envs = {k: v for k, v in settings().items() if not args.only or k in args.only}
     names = {k: [f"{k}@{c}" if len(cfgs) > 1 else k for c in args.concurrency] for k in envs}
@@ -128,7 +141,7 @@ def main() -> None:
             # several concurrencies share a server: their order flips every round, so none always runs first (cold)
             order = list(zip(names[setting], cfgs, strict=True))[::1 if round_ % 2 == 0 else -1]
             results = run_one(setting, fields, env, adapter.manifest["base"]["location"], adapter, rows,
-                              [cfg for _, cfg in order], out)
+                              [cfg for _, cfg in order], comparator, out)
             for (name, _), result in zip(order, results, strict=True):
                 print(f"round {round_ + 1} {name}: {result['requests_per_s']:.2f} req/s, "
                       f"median {result['median_latency_ms']:.0f} ms, {result['errors']} errors", flush=True)
@@ -136,6 +149,9 @@ def main() -> None:
     first = next(iter(runs))
     setting_of = {name: setting for setting, variants in names.items() for name in variants}
     reference = runs[first][0]["answers"]
+    # confidences are compared at the same concurrency: a batch's make-up alone moves them a little
+    same_load = {name: runs[names[next(iter(envs))][names[setting_of[name]].index(name)]][0]["confidences"]
+                 for name in runs}
     base_speed = statistics.median(r["requests_per_s"] for r in runs[first])
     summary = {}
     for name, results in runs.items():
@@ -146,7 +162,12 @@ def main() -> None:
                          "runs_requests_per_s": [round(r["requests_per_s"], 2) for r in results],
                          "median_latency_ms": round(statistics.median(r["median_latency_ms"] for r in results)),
                          "errors": sum(r["errors"] for r in results),
-                         "answers_differing_from_" + first: sum(a != b for a, b in zip(results[0]["answers"], reference, strict=True))}
+                         "agreement_with_teacher": round(results[0]["agreement"], 4),
+                         "answers_differing_from_" + first: sum(a != b for a, b in zip(results[0]["answers"], reference, strict=True)),
+                         # the router's confidence (joint probability of the answer) against the first setting's
+                         # at the same concurrency
+                         "confidence_difference_median_max": confidence_difference(results[0]["confidences"],
+                                                                                   same_load[name])}
     result = {"run": str(run), "examples": len(rows), "concurrency": args.concurrency, "rounds": args.rounds,
               "machine": f"{cpu_name()}, {os.cpu_count()} cores",
               "bf16_cpu_flags": sorted(cpu_flags() & BF16_CPU_FLAGS), "load_average": os.getloadavg(), "settings": summary}
