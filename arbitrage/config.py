@@ -233,8 +233,9 @@ class LocalSettings(_Section):
     """Speculative decoding from the answers given before (deploy/vllm_cpu_lora/arbitrage_vllm_answers.py): the
     same answers and log-probs in fewer passes over the model, for a path whose answers repeat. Unset: on
     without a GPU, where ``scripts/install`` puts the proposer into vLLM's environment and each answer token
-    costs a pass over the weights (one answer at a time on 2 AVX2 cores: 729 ms against 2,192 ms, the same
-    answers; bench/RESULTS-distill.md)."""
+    costs a pass over the weights (one answer at a time, the same answers: on 2 AVX2 cores 729 ms against
+    2,192 ms; on 2 avx512_bf16 cores with a 77-label adapter 262-295 ms against 772-912 ms;
+    bench/RESULTS-distill.md)."""
     draft_tokens: int = 8
     """Longest draft checked in one pass, with ``draft_answers``."""
     extra_args: list[str] = msgspec.field(default_factory=list)
