@@ -11,7 +11,8 @@ round after round (A B C A B C), so that a noisy neighbour hurts each of them al
 gives each one's median requests/s over the rounds and its ratio to the first. Answers and their
 confidence (the joint probability the router gates on) are compared with the first setting's, and
 each setting's agreement with the teacher is given, so that a faster setting that answers differently
-is seen.
+is seen. With drafts, vLLM's speculative-decoding counters give the share of drafted tokens the model
+accepted and the accepted tokens per draft.
 
 Settings (environment of the vLLM process; see deploy/vllm.py):
 - stock: vLLM's own CPU LoRA ops (ARBITRAGE_LORA_OPS=stock), no preloaded libraries, vLLM's
@@ -58,6 +59,7 @@ from router.policy import ComparatorSpec
 
 WORK = ROOT / "bench" / ".work"
 PATH = "banking77/intents"
+SPEC_DECODE = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
 
 
 def settings() -> dict[str, tuple[dict, dict[str, str]]]:
@@ -94,21 +96,37 @@ def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, ro
         client.close()
         results = []
         for cfg in cfgs:
+            before = spec_decode_counts(server.base_url)
             started = time.perf_counter()
             predictions = asyncio.run(ask_all(server.base_url, adapter, rows, cfg, progress=False))
             seconds = time.perf_counter() - started
+            drafts, drafted, accepted = (after - before[name] for name, after in spec_decode_counts(server.base_url).items())
             results.append({"requests_per_s": len(rows) / seconds, "seconds": seconds,
                             "errors": sum(p.error is not None for p in predictions),
                             "median_latency_ms": statistics.median(p.latency_ms for p in predictions),
                             "agreement": sum(p.answer is not None and comparator.compare(p.expected, p.answer).agreed
                                              for p in predictions) / len(predictions),
                             "answers": [p.answer for p in predictions],
-                            "confidences": [p.confidence for p in predictions]})
+                            "confidences": [p.confidence for p in predictions],
+                            "drafts": drafts, "draft_tokens": drafted, "accepted_tokens": accepted})
     finally:
         server.stop()
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     return results
+
+
+def spec_decode_counts(base_url: str) -> dict[str, float]:
+    """vLLM's speculative-decoding counters so far (all 0 without drafting)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = dict.fromkeys(SPEC_DECODE, 0.0)
+    text = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        if family.name in counts:
+            counts[family.name] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return counts
 
 
 def confidence_difference(confidences: list[float], reference: list[float]) -> list[float]:
@@ -149,9 +167,10 @@ def main() -> None:
     first = next(iter(runs))
     setting_of = {name: setting for setting, variants in names.items() for name in variants}
     reference = runs[first][0]["answers"]
-    # confidences are compared at the same concurrency: a batch's make-up alone moves them a little
-    same_load = {name: runs[names[next(iter(envs))][names[setting_of[name]].index(name)]][0]["confidences"]
-                 for name in runs}
+    # confidences are compared with the first setting's at the same concurrency: a batch's make-up alone
+    # moves them a little
+    first_setting = next(iter(envs))
+    same_load = {name: names[first_setting][names[setting_of[name]].index(name)] for name in runs}
     base_speed = statistics.median(r["requests_per_s"] for r in runs[first])
     summary = {}
     for name, results in runs.items():
@@ -163,11 +182,15 @@ def main() -> None:
                          "median_latency_ms": round(statistics.median(r["median_latency_ms"] for r in results)),
                          "errors": sum(r["errors"] for r in results),
                          "agreement_with_teacher": round(results[0]["agreement"], 4),
+                         # of the tokens drafted, the share the model accepted; accepted tokens per draft
+                         "draft_acceptance": round(sum(r["accepted_tokens"] for r in results)
+                                                   / max(1, sum(r["draft_tokens"] for r in results)), 3),
+                         "accepted_per_draft": round(sum(r["accepted_tokens"] for r in results)
+                                                     / max(1, sum(r["drafts"] for r in results)), 2),
                          "answers_differing_from_" + first: sum(a != b for a, b in zip(results[0]["answers"], reference, strict=True)),
-                         # the router's confidence (joint probability of the answer) against the first setting's
-                         # at the same concurrency
-                         "confidence_difference_median_max": confidence_difference(results[0]["confidences"],
-                                                                                   same_load[name])}
+                         # the router's confidence: the answer's joint probability
+                         "confidence_difference_median_max": confidence_difference(
+                             results[0]["confidences"], runs[same_load[name]][0]["confidences"])}
     result = {"run": str(run), "examples": len(rows), "concurrency": args.concurrency, "rounds": args.rounds,
               "machine": f"{cpu_name()}, {os.cpu_count()} cores",
               "bf16_cpu_flags": sorted(cpu_flags() & BF16_CPU_FLAGS), "load_average": os.getloadavg(), "settings": summary}
