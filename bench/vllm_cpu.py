@@ -100,7 +100,7 @@ def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, ro
             started = time.perf_counter()
             predictions = asyncio.run(ask_all(server.base_url, adapter, rows, cfg, progress=False))
             seconds = time.perf_counter() - started
-            drafts, drafted, accepted = (after - before[name] for name, after in spec_decode_counts(server.base_url).items())
+            drafts, drafted, accepted = (n - before[counter] for counter, n in spec_decode_counts(server.base_url).items())
             results.append({"requests_per_s": len(rows) / seconds, "seconds": seconds,
                             "errors": sum(p.error is not None for p in predictions),
                             "median_latency_ms": statistics.median(p.latency_ms for p in predictions),
