@@ -727,11 +727,19 @@ def run_demo(root: Path, quick: bool, stop_after: str = "roi", vllm_url: str | N
                 signal.signal(sig, handler)
 
 
+class Interrupted(KeyboardInterrupt):
+    """The KeyboardInterrupt the demo's handler raises. A subclass on purpose: when a plain
+    KeyboardInterrupt leaves code that ``exec()`` or ``eval()`` runs from a string (dataclasses and
+    namedtuple build their methods that way, so an import may be such code), CPython notes an unhandled
+    Ctrl-C even if the exception is caught further up, and ``python -m`` then ends the process by SIGINT
+    instead of with its exit status 130. That check compares the exact type, so a subclass is not noted."""
+
+
 class _Interrupts:
     """The demo's handler for Ctrl-C, SIGTERM and SIGHUP. The first one sets all three to ignored (at the
     OS level: a handler written in Python is reset to the default action when the interpreter shuts down,
     so a late press would kill the exiting process) and, unless the clean-up has begun, raises
-    KeyboardInterrupt. Deciding in the handler leaves no moment between two statements where a second
+    ``Interrupted``. Deciding in the handler leaves no moment between two statements where a second
     press could cut the clean-up short or escape as a traceback."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -746,4 +754,4 @@ class _Interrupts:
         if self.closing:
             return
         self.raised = True
-        raise KeyboardInterrupt
+        raise Interrupted
