@@ -53,9 +53,7 @@ sys.path.insert(0, str(ROOT))
 from arbitrage.config import LocalSettings
 from arbitrage.machine import cpu_flags, cpu_name
 from deploy.vllm import BF16_CPU_FLAGS, LocalClient, LocalServer, free_port
-from distill.evaluation import EvalConfig, ask_all, default_comparator, eval_rows, find_adapter
-from router.comparators import make_comparator
-from router.policy import ComparatorSpec
+from distill.evaluation import EvalConfig, ask_all, eval_rows, find_adapter, judge, path_comparator
 
 WORK = ROOT / "bench" / ".work"
 PATH = "banking77/intents"
@@ -101,11 +99,11 @@ def run_one(name: str, fields: dict, env: dict[str, str], base: str, adapter, ro
             predictions = asyncio.run(ask_all(server.base_url, adapter, rows, cfg, progress=False))
             seconds = time.perf_counter() - started
             drafts, drafted, accepted = (n - before[counter] for counter, n in spec_decode_counts(server.base_url).items())
+            judge(predictions, comparator)
             results.append({"requests_per_s": len(rows) / seconds, "seconds": seconds,
                             "errors": sum(p.error is not None for p in predictions),
                             "median_latency_ms": statistics.median(p.latency_ms for p in predictions),
-                            "agreement": sum(p.answer is not None and comparator.compare(p.expected, p.answer).agreed
-                                             for p in predictions) / len(predictions),
+                            "agreement": sum(p.agreed for p in predictions) / len(predictions),
                             "answers": [p.answer for p in predictions],
                             "confidences": [p.confidence for p in predictions],
                             "drafts": drafts, "draft_tokens": drafted, "accepted_tokens": accepted})
@@ -129,6 +127,14 @@ def spec_decode_counts(base_url: str) -> dict[str, float]:
     return counts
 
 
+def draft_counts(results: list[dict]) -> dict[str, float | None]:
+    """Of the tokens drafted, the share the model accepted, and accepted tokens per draft (None: no drafts)."""
+    accepted = sum(r["accepted_tokens"] for r in results)
+    drafted, drafts = sum(r["draft_tokens"] for r in results), sum(r["drafts"] for r in results)
+    return {"draft_acceptance": round(accepted / drafted, 3) if drafted else None,
+            "accepted_per_draft": round(accepted / drafts, 2) if drafts else None}
+
+
 def confidence_difference(confidences: list[float], reference: list[float]) -> list[float]:
     differences = [abs(a - b) for a, b in zip(confidences, reference, strict=True)]
     return [round(statistics.median(differences), 6), round(max(differences), 6)]
@@ -147,7 +153,7 @@ def main() -> None:
     run = args.run.resolve()
     adapter = find_adapter(run / "data" / "adapters", args.path, None)
     rows = eval_rows(adapter, args.examples)
-    comparator = make_comparator(ComparatorSpec(name=default_comparator(adapter)))
+    _, comparator = path_comparator(adapter)
     cfgs = [EvalConfig(path=args.path, concurrency=c, max_tokens=32) for c in args.concurrency]
     envs = {k: v for k, v in settings().items() if not args.only or k in args.only}
     names = {k: [f"{k}@{c}" if len(cfgs) > 1 else k for c in args.concurrency] for k in envs}
@@ -182,11 +188,7 @@ def main() -> None:
                          "median_latency_ms": round(statistics.median(r["median_latency_ms"] for r in results)),
                          "errors": sum(r["errors"] for r in results),
                          "agreement_with_teacher": round(results[0]["agreement"], 4),
-                         # of the tokens drafted, the share the model accepted; accepted tokens per draft
-                         "draft_acceptance": round(sum(r["accepted_tokens"] for r in results)
-                                                   / max(1, sum(r["draft_tokens"] for r in results)), 3),
-                         "accepted_per_draft": round(sum(r["accepted_tokens"] for r in results)
-                                                     / max(1, sum(r["drafts"] for r in results)), 2),
+                         **draft_counts(results),
                          "answers_differing_from_" + first: sum(a != b for a, b in zip(results[0]["answers"], reference, strict=True)),
                          # the router's confidence: the answer's joint probability
                          "confidence_difference_median_max": confidence_difference(

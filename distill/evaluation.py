@@ -38,7 +38,7 @@ from arbitrage.errors import ConfigError
 from distill.dataset.config import check_path_name
 from distill.versions import MANIFEST, choose, publish, versions
 from router import calibration
-from router.comparators import make_comparator
+from router.comparators import Comparator, make_comparator
 from router.confidence import score
 from router.policy import ComparatorSpec, PolicyError
 
@@ -174,25 +174,35 @@ def default_comparator(adapter: Adapter) -> str:
     return "json" if answer_format == "json" else "exact"
 
 
+def path_comparator(adapter: Adapter, name: str | None = None) -> tuple[str, Comparator]:
+    """The comparator named ``name``, else the path's default (see ``default_comparator``), and its name."""
+    name = name or default_comparator(adapter)
+    try:
+        return name, make_comparator(ComparatorSpec(name=name))
+    except (PolicyError, ValueError) as exc:
+        raise ConfigError(f"--comparator: {exc}") from None
+
+
+def judge(predictions: Sequence[Prediction], comparator: Comparator) -> None:
+    """Set ``agreed`` and ``detail`` of every answered prediction: its answer against the teacher's."""
+    for prediction in predictions:
+        if prediction.answer is not None:
+            comparison = comparator.compare(prediction.expected, prediction.answer)
+            prediction.agreed, prediction.detail = comparison.agreed, comparison.detail
+
+
 def evaluate(cfg: EvalConfig, config: Config, command: Sequence[str], *, models_dir: Path | None = None,
              progress: bool = True) -> EvalResult:
     """Run the whole evaluation and publish its folder; user mistakes raise ConfigError first."""
     started = time.perf_counter()
     adapter = find_adapter(config.data_dir / "adapters", cfg.path, cfg.adapter)
     rows = eval_rows(adapter, cfg.max_examples)
-    comparator_name = cfg.comparator or default_comparator(adapter)
-    try:
-        comparator = make_comparator(ComparatorSpec(name=comparator_name))
-    except (PolicyError, ValueError) as exc:
-        raise ConfigError(f"--comparator: {exc}") from None
+    comparator_name, comparator = path_comparator(adapter, cfg.comparator)
     with serving(cfg, config, adapter) as base_url:
         asked = time.perf_counter()
         predictions = asyncio.run(ask_all(base_url, adapter, rows, cfg, progress))
         ask_seconds = time.perf_counter() - asked
-    for prediction in predictions:
-        if prediction.answer is not None:
-            comparison = comparator.compare(prediction.expected, prediction.answer)
-            prediction.agreed, prediction.detail = comparison.agreed, comparison.detail
+    judge(predictions, comparator)
     errors = [p for p in predictions if p.error]
     if len(errors) == len(predictions):
         raise ConfigError(f"every request to the adapter failed; the first: {errors[0].error}")
