@@ -237,7 +237,10 @@ class LocalSettings(_Section):
     2,192 ms; on 2 avx512_bf16 cores with a 77-label adapter 262-295 ms against 772-912 ms;
     bench/RESULTS-distill.md)."""
     draft_tokens: int = 8
-    """Longest draft checked in one pass, with ``draft_answers``."""
+    """Longest draft checked in one pass, with ``draft_answers``. 15 drafted more tokens a pass but fewer were
+    right, and served no faster one at a time and 15 % slower at 32 in flight (bench/RESULTS-distill.md); above
+    15, vLLM's CPU defaults with LoRA refuse to start (max_num_seqs x (draft_tokens + 1) must fit in
+    max_num_batched_tokens, 128 x 16 = 2048)."""
     extra_args: list[str] = msgspec.field(default_factory=list)
     """More vLLM server arguments, as given (after arbitrage's own, so they win)."""
     startup_timeout_s: float = 600.0

@@ -74,6 +74,8 @@ def settings() -> dict[str, tuple[dict, dict[str, str]]]:
         "grouped+preload": ({"preload": True, "reserved_cpus": 1}, {}),
         "grouped+preload+nobind": ({"preload": True, "reserved_cpus": 0}, {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}),
         "grouped+preload+no-reserve+drafts": ({"preload": True, "reserved_cpus": 0, "draft_answers": True}, {}),
+        "grouped+preload+no-reserve+drafts15": ({"preload": True, "reserved_cpus": 0, "draft_answers": True,
+                                                 "draft_tokens": 15}, {}),
         "bfloat16": ({"preload": True, "reserved_cpus": 0, "dtype": "bfloat16"}, {}),
         "float32": ({"preload": True, "reserved_cpus": 0, "dtype": "float32"}, {}),
     }
