@@ -38,11 +38,11 @@ def evaluate(path, config_path, data_dir, **options) -> None:
     config = load_config(config_path, data_dir=data_dir)
     cfg = EvalConfig(path=path, **options)
     result = run_eval(cfg, config, command_line(click.get_current_context()))
-    report(result.manifest)
+    report(result.manifest, result.folder)
     click.echo(str(result.folder))
 
 
-def report(manifest: dict) -> None:
+def report(manifest: dict, folder) -> None:
     """The numbers a person decides on, on stderr."""
     click.echo(f"{manifest['path']} {manifest['adapter']['version']}: {manifest['agreement']:.1%} agreement with the "
                f"teacher at full coverage ({manifest['examples']} eval examples, {manifest['comparator']} comparator, "
@@ -57,3 +57,6 @@ def report(manifest: dict) -> None:
         f"threshold {calibrated['threshold']:.4f}, {calibrated['coverage']:.1%} served" if calibrated
         else f"none yet (needs at least {manifest['config']['min_samples']} served answers above the bound)"),
         err=True)
+    if manifest["disagreements"]:
+        click.echo(f"{manifest['disagreements']} answers disagree with the teacher; the most confident first, with their "
+                   f"inputs, in {folder / 'disagreements.parquet'} (the teacher's own mistakes show up there)", err=True)

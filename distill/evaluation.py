@@ -6,7 +6,11 @@
     -> every eval input asked at temperature 0 with token log-probs, exactly as the local route
        will ask it (the same system prompt handling)
     -> each answer compared with the teacher's (the path's comparator), with its confidence
-    -> evals/PATH/vN/vM/: predictions.parquet, curve.parquet, curve.png, manifest.json
+    -> evals/PATH/vN/vM/: predictions.parquet, curve.parquet, curve.png, disagreements.parquet, manifest.json
+
+``disagreements.parquet`` holds the answers that disagree with the teacher, most confident first, with
+their inputs: these decide how much can be served at the target, and at the top they are often the
+teacher's own mistakes or inputs that fit two answers (bench/RESULTS-distill.md), worth a person's reading.
 
 The curve gives, for each confidence threshold, the share of answers served (coverage) and the
 agreement among them; the report names the threshold where agreement first reaches the target
@@ -47,6 +51,10 @@ PREDICTIONS_SCHEMA = pa.schema([
     ("confidence", pa.float64()), ("confidence_min", pa.float64()), ("agreed", pa.bool_()),
     ("detail", pa.string()), ("finish_reason", pa.string()), ("completion_tokens", pa.int64()),
     ("latency_ms", pa.float64()), ("error", pa.string()),
+])
+DISAGREEMENTS_SCHEMA = pa.schema([
+    ("example_id", pa.string()), ("confidence", pa.float64()), ("expected", pa.string()), ("answer", pa.string()),
+    ("input", pa.string()),
 ])
 CURVE_SCHEMA = pa.schema([("threshold", pa.float64()), ("coverage", pa.float64()), ("agreement", pa.float64()),
                           ("lower_bound", pa.float64()), ("n", pa.int64())])
@@ -208,6 +216,7 @@ def evaluate(cfg: EvalConfig, config: Config, command: Sequence[str], *, models_
         raise ConfigError(f"every request to the adapter failed; the first: {errors[0].error}")
     points = [(p.confidence, p.agreed) for p in predictions]
     summary = summarize(points, cfg)
+    disagreeing = disagreements(predictions, rows)
     manifest = {
         "path": cfg.path, "adapter": {"version": adapter.version, "folder": str(adapter.folder.resolve()),
                                       "served_name": adapter.served_name},
@@ -215,13 +224,23 @@ def evaluate(cfg: EvalConfig, config: Config, command: Sequence[str], *, models_
         "created_at": datetime.now(UTC).isoformat(), "command": shlex.join(command),
         "config": dataclasses.asdict(cfg), "comparator": comparator_name,
         "examples": len(predictions), "errors": len(errors), "first_error": errors[0].error if errors else None,
+        "disagreements": len(disagreeing),
         **summary,
         "timing": {"wall_seconds": round(time.perf_counter() - started, 2), "ask_seconds": round(ask_seconds, 2),
                    "requests_per_s": round(len(predictions) / ask_seconds, 2) if ask_seconds else None},
     }
     folder, manifest = write_eval(config.data_dir / "evals" / cfg.path / adapter.version, predictions, points,
-                                  manifest)
+                                  manifest, disagreeing)
     return EvalResult(folder, manifest, predictions)
+
+
+def disagreements(predictions: Sequence[Prediction], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The answers that disagree with the teacher, most confident first, each with its input (the last
+    message of the conversation asked)."""
+    inputs = {row["example_id"]: json.loads(row["input_messages"])[-1].get("content") for row in rows}
+    wrong = [p for p in predictions if p.answer is not None and not p.agreed]
+    return [{"example_id": p.example_id, "confidence": p.confidence, "expected": p.expected, "answer": p.answer,
+             "input": inputs.get(p.example_id)} for p in sorted(wrong, key=lambda p: p.confidence, reverse=True)]
 
 
 def summarize(points: list[tuple[float, bool]], cfg: EvalConfig) -> dict[str, Any]:
@@ -307,8 +326,8 @@ async def ask_all(base_url: str, adapter: Adapter, rows: list[dict[str, Any]], c
 
 
 def write_eval(root: Path, predictions: list[Prediction], points: list[tuple[float, bool]],
-               manifest: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
-    """Predictions, the curve (Parquet and PNG) and the manifest, published as the next vM."""
+               manifest: dict[str, Any], disagreeing: list[dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+    """Predictions, the curve (Parquet and PNG), the disagreements and the manifest, published as the next vM."""
     root.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=".evaluating-", dir=root))
     try:
@@ -318,7 +337,8 @@ def write_eval(root: Path, predictions: list[Prediction], points: list[tuple[flo
         pq.write_table(pa.Table.from_pylist([p._asdict() for p in points_on_curve], CURVE_SCHEMA),
                        temp / "curve.parquet")
         plot_curve(points_on_curve, manifest, temp / "curve.png")
-        files = ["predictions.parquet", "curve.parquet", "curve.png"]
+        pq.write_table(pa.Table.from_pylist(disagreeing, DISAGREEMENTS_SCHEMA), temp / "disagreements.parquet")
+        files = ["predictions.parquet", "curve.parquet", "curve.png", "disagreements.parquet"]
         return publish(temp, root, {**manifest, "files": files})
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

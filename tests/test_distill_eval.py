@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from distill.eval_command import evaluate as eval_command
+from distill.evaluation import eval_rows, find_adapter
 from tests.conftest import CARD_ARRIVAL, INTENTS_PATH
 
 PATH = INTENTS_PATH
@@ -55,6 +56,16 @@ def test_eval_measures_agreement_confidence_and_the_curve(trained, vllm):
     assert (folder / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "75.0% agreement" in result.stderr and "served" in result.stderr
     assert vllm.base_url and f"{PATH}/v1" in _served(vllm)
+
+    # the disagreements, most confident first, with the inputs a person reads them by
+    disagreements = pq.read_table(folder / "disagreements.parquet").to_pylist()
+    wrong = {p["example_id"]: p for p in predictions if not p["agreed"]}
+    inputs = {row["example_id"]: json.loads(row["input_messages"])[-1]["content"]
+              for row in eval_rows(find_adapter(trained / "adapters", PATH, None), None)}
+    assert manifest["disagreements"] == len(disagreements) == 2 and {d["example_id"] for d in disagreements} == set(wrong)
+    assert [d["confidence"] for d in disagreements] == sorted((p["confidence"] for p in wrong.values()), reverse=True)
+    assert all(d["input"] == inputs[d["example_id"]] and d["answer"] == ANSWER != d["expected"] for d in disagreements)
+    assert "2 answers disagree with the teacher" in result.stderr and "disagreements.parquet" in result.stderr
 
 
 def test_a_second_eval_is_a_new_version_and_the_adapter_stays_loaded(intents_adapter, vllm, tmp_path):
