@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from arbitrage.cli_options import (
@@ -42,7 +44,7 @@ def evaluate(path, config_path, data_dir, **options) -> None:
     click.echo(str(result.folder))
 
 
-def report(manifest: dict, folder) -> None:
+def report(manifest: dict, folder: Path) -> None:
     """The numbers a person decides on, on stderr."""
     click.echo(f"{manifest['path']} {manifest['adapter']['version']}: {manifest['agreement']:.1%} agreement with the "
                f"teacher at full coverage ({manifest['examples']} eval examples, {manifest['comparator']} comparator, "

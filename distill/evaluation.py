@@ -237,10 +237,17 @@ def evaluate(cfg: EvalConfig, config: Config, command: Sequence[str], *, models_
 def disagreements(predictions: Sequence[Prediction], rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The answers that disagree with the teacher, most confident first, each with its input (the last
     message of the conversation asked)."""
-    inputs = {row["example_id"]: json.loads(row["input_messages"])[-1].get("content") for row in rows}
+    inputs = {row["example_id"]: last_input(row["input_messages"]) for row in rows}
     wrong = [p for p in predictions if p.answer is not None and not p.agreed]
     return [{"example_id": p.example_id, "confidence": p.confidence, "expected": p.expected, "answer": p.answer,
              "input": inputs.get(p.example_id)} for p in sorted(wrong, key=lambda p: p.confidence, reverse=True)]
+
+
+def last_input(input_messages: str) -> str | None:
+    """The content of a conversation's last message, as text (content parts as their JSON)."""
+    messages = json.loads(input_messages)
+    content = messages[-1].get("content") if messages else None
+    return content if content is None or isinstance(content, str) else json.dumps(content, ensure_ascii=False)
 
 
 def summarize(points: list[tuple[float, bool]], cfg: EvalConfig) -> dict[str, Any]:

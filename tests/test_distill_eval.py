@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from distill.eval_command import evaluate as eval_command
-from distill.evaluation import eval_rows, find_adapter
+from distill.evaluation import Prediction, disagreements, eval_rows, find_adapter
 from tests.conftest import CARD_ARRIVAL, INTENTS_PATH
 
 PATH = INTENTS_PATH
@@ -126,3 +126,16 @@ def test_corrupt_eval_split_is_a_clear_error(trained, tmp_path):
     result = run_eval(data_dir, "--vllm-url", "http://127.0.0.1:9/v1")
     assert result.exit_code == 1 and "cannot read the eval split" in result.output
     assert not (data_dir / "evals").exists()
+
+
+def test_disagreements_come_most_confident_first_with_their_inputs_as_text():
+    rows = [{"example_id": "a", "input_messages": json.dumps([{"role": "user", "content": "where is my card"}])},
+            {"example_id": "b", "input_messages": json.dumps(
+                [{"role": "user", "content": [{"type": "text", "text": "my card is stuck"}]}])},
+            {"example_id": "c", "input_messages": json.dumps([{"role": "user", "content": "hello"}])}]
+    predictions = [Prediction("a", "x", "y", confidence=0.5), Prediction("b", "x", "z", confidence=0.9),
+                   Prediction("c", "x", "x", confidence=0.99, agreed=True), Prediction("d", "x", None, error="timeout")]
+    found = disagreements(predictions, rows)
+    assert [(d["example_id"], d["confidence"], d["answer"]) for d in found] == [("b", 0.9, "z"), ("a", 0.5, "y")]
+    assert json.loads(found[0]["input"]) == [{"type": "text", "text": "my card is stuck"}]
+    assert found[1]["input"] == "where is my card"
