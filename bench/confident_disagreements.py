@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distill.evaluation import find_adapter  # noqa: E402
+from distill.evaluation import find_adapter, last_input  # noqa: E402
 from distill.versions import versions  # noqa: E402
 from router import calibration  # noqa: E402
 
@@ -42,17 +42,17 @@ def latest_eval(run: Path, path: str) -> tuple[Path, Path]:
     return root / f"v{found[-1]}", Path(adapter.manifest["dataset"]["folder"])
 
 
-def disagreements(eval_dir: Path, dataset: Path) -> tuple[list[dict], list[tuple[float, bool]], dict]:
-    """Every answer that disagrees, most confident first, with its input text; all points; the manifest."""
+def disagreements(eval_dir: Path, dataset: Path) -> tuple[list[dict], list[dict], dict]:
+    """Every answer that disagrees, most confident first, with its input text; every prediction; the manifest."""
     manifest = json.loads((eval_dir / "manifest.json").read_text())
     predictions = pq.read_table(eval_dir / "predictions.parquet").to_pylist()
-    texts = {r["example_id"]: json.loads(r["input_messages"])[-1]["content"]
+    texts = {r["example_id"]: last_input(r["input_messages"])
              for r in pq.read_table(dataset / "eval.parquet", columns=["example_id", "input_messages"]).to_pylist()}
     ranked = sorted(predictions, key=lambda p: p["confidence"], reverse=True)
     wrong = [{"example_id": p["example_id"], "rank": rank, "confidence": round(p["confidence"], 4),
               "teacher": p["expected"], "student": p["answer"], "text": texts.get(p["example_id"], "")}
              for rank, p in enumerate(ranked, 1) if not p["agreed"]]
-    return wrong, [(p["confidence"], p["agreed"]) for p in predictions], manifest
+    return wrong, predictions, manifest
 
 
 def read_review(path: Path) -> dict[str, str]:
@@ -79,7 +79,8 @@ def main() -> None:
     args = p.parse_args()
 
     eval_dir, dataset = latest_eval(args.run.resolve(), args.path)
-    wrong, points, manifest = disagreements(eval_dir, dataset)
+    wrong, predictions, manifest = disagreements(eval_dir, dataset)
+    points = [(p["confidence"], p["agreed"]) for p in predictions]
     target = manifest["target"]
     for w in wrong[:args.top]:
         print(f"{w['rank']:5d} {w['confidence']:.4f} teacher {w['teacher']} student {w['student']} :: {w['text']}")
@@ -92,9 +93,7 @@ def main() -> None:
             sys.exit(f"{args.review} has no reading for {len(missing)} of the top {args.top}, e.g. {missing[0]}")
         readings = {r: sum(review[w["example_id"]] == r for w in wrong[:args.top]) for r in READINGS}
         teacher_wrong = {w["example_id"] for w in wrong[:args.top] if review[w["example_id"]] == "teacher_wrong"}
-        ids = [p["example_id"] for p in pq.read_table(eval_dir / "predictions.parquet",
-                                                      columns=["example_id"]).to_pylist()]
-        corrected = [(c, a or i in teacher_wrong) for (c, a), i in zip(points, ids, strict=True)]
+        corrected = [(p["confidence"], p["agreed"] or p["example_id"] in teacher_wrong) for p in predictions]
         result |= {"reviewed": args.top, "readings": readings,
                    "at_target_if_teacher_wrong_agreed": at_target(corrected, target),
                    "agreement_if_teacher_wrong_agreed": round(sum(a for _, a in corrected) / len(corrected), 4)}
