@@ -18,6 +18,7 @@ import httpx
 
 from arbitrage.cli_options import CONFIG_OPTION, friendly_errors
 from arbitrage.config import load_config
+from gateway.shadow_report import MAX_DISAGREEMENTS
 
 ADMIN_KEY_ENV = "ARBITRAGE_ADMIN_KEY"
 HEADER = ["path", "mode", "share", "threshold", "adapter", "comparator", "history", "calibrated (shadow data)"]
@@ -84,32 +85,75 @@ def route() -> None:
 
 @route.command("show")
 @click.argument("path", required=False)
+@click.option("--disagreements", type=click.IntRange(1, MAX_DISAGREEMENTS), metavar="N",
+              help="Also PATH's N most confident shadow/audit disagreements, with their inputs: where the "
+                   "upstream model's own mistakes show up first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the policies as JSON.")
 @gateway_options
 @friendly_errors
-def show(path, as_json, url, admin_key, config_path) -> None:
+def show(path, disagreements, as_json, url, admin_key, config_path) -> None:
     """Every path's policy (or PATH's): mode, share, threshold, adapter, comparator."""
+    if disagreements and not path:
+        raise click.UsageError("--disagreements needs a PATH (arbitrage route show PATH --disagreements 20)")
     client = _client(url, admin_key, config_path)
-    routes = {path: client.call("GET", path)} if path else client.call("GET")["routes"]
+    params = {"disagreements": disagreements} if disagreements else {}
+    routes = {path: client.call("GET", path, params=params)} if path else client.call("GET")["routes"]
     if as_json:
         click.echo(json.dumps(routes, indent=2))
     elif not routes:
         click.echo("no routing policies: every path goes upstream (arbitrage route set PATH --mode shadow ...)")
     else:
         click.echo(render(routes))
+        if disagreements:
+            click.echo("\n" + render_disagreements(path, routes[path]))
 
 
 def render(routes: dict[str, dict[str, Any]]) -> str:
     """The policies as a table, one row per path."""
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(*HEADER, box=None, header_style="bold", pad_edge=False)
     for path, entry in routes.items():
         table.add_row(*_row(path, entry))
+    return _text(table)
+
+
+def render_disagreements(path: str, entry: dict[str, Any]) -> str:
+    """A path's most confident disagreements as a table, under a line saying how many there are."""
+    from rich.table import Table
+
+    found = (entry.get("status") or {}).get("disagreements")
+    if found is None:
+        return f"{path}: no adapter, so no comparisons (arbitrage route promote {path} --adapter V)"
+    if "error" in found:
+        return f"{path}: the shadow table could not be read: {found['error']}"
+    if not found["shown"]:
+        return f"{path}: no disagreements among the shadow and audit comparisons of adapter {entry['policy']['adapter']}"
+    table = Table("confidence", "kind", "time (UTC)", "upstream", "local", "input", box=None, header_style="bold",
+                  pad_edge=False)
+    for row in found["shown"]:
+        confidence = "-" if row["confidence"] is None else f"{row['confidence']:.4f}"
+        table.add_row(confidence, row["kind"], row["ts"][:19].replace("T", " "), _cell(row["upstream_answer"]),
+                      _cell(row["local_answer"]), _cell(row["input"], 60))
+    heading = (f"{path}: the {len(found['shown'])} most confident of {found['total']} disagreements "
+               f"(adapter {entry['policy']['adapter']}), most confident first:")
+    return heading + "\n" + _text(table)
+
+
+def _cell(text: str | None, width: int = 30) -> str:
+    """One line of at most ``width`` characters."""
+    if text is None:
+        return "-"
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def _text(table) -> str:
+    from rich.console import Console
+
     console = Console(width=160, record=True, markup=False, highlight=False, file=io.StringIO())
     console.print(table)
-    return console.export_text().rstrip()
+    return "\n".join(line.rstrip() for line in console.export_text().rstrip().splitlines())
 
 
 def _row(path: str, entry: dict[str, Any]) -> list[str]:

@@ -243,10 +243,12 @@ def disagreements(predictions: Sequence[Prediction], rows: Sequence[dict[str, An
              "input": inputs.get(p.example_id)} for p in sorted(wrong, key=lambda p: p.confidence, reverse=True)]
 
 
-def last_input(input_messages: str) -> str | None:
-    """The content of a conversation's last message, as text (content parts as their JSON)."""
-    messages = json.loads(input_messages)
-    content = messages[-1].get("content") if messages else None
+def last_input(messages: str | list[dict[str, Any]]) -> str | None:
+    """The content of a conversation's last message (a list, or its JSON), as text (content parts
+    as their JSON)."""
+    if isinstance(messages, str):
+        messages = json.loads(messages)
+    content = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
     return content if content is None or isinstance(content, str) else json.dumps(content, ensure_ascii=False)
 
 

@@ -2,6 +2,8 @@
 
     GET  /admin/routes                      every path: {"routes": {path: {"policy", "history", "status"?}}}
     GET  /admin/routes/PATH                 one path:   {"path", "policy", "history", "status"?}
+         ?disagreements=N                   status.disagreements: the adapter's N most confident
+                                            shadow/audit disagreements, with inputs (N <= 100)
     PUT  /admin/routes/PATH                 policy fields, merged onto the current policy
     POST /admin/routes/PATH/promote         {"adapter": "v3", "threshold": 0.8?}: shadow, share 0
     POST /admin/routes/PATH/rollback        the previous policy (else shadow, share 0)
@@ -15,6 +17,7 @@ left out of the OpenAPI document, which describes the OpenAI-compatible surface.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -31,6 +34,7 @@ from arbitrage.errors import ConfigError, InvalidRequestError, NotFoundError
 from distill.versions import MANIFEST, versions
 from gateway.auth import require_admin
 from gateway.route_table import RouteTable
+from gateway.shadow_report import MAX_DISAGREEMENTS
 from router.policy import ComparatorSpec, RoutePolicy
 
 ACTOR = "admin"
@@ -56,18 +60,21 @@ async def list_routes(request: Request) -> dict[str, Any]:
     live status when the gateway offers it."""
     gateway = request.app.state.gateway
     gateway.routes.refresh()
-    return {"routes": {path: _entry(gateway, path)
-                       for path in gateway.routes.policies()}}
+    paths = list(gateway.routes.policies())
+    return {"routes": dict(zip(paths, await asyncio.gather(*(_entry(gateway, path) for path in paths)),
+                               strict=True))}
 
 
 @get("/admin/routes/{path:path}", guards=[require_admin], include_in_schema=False)
 async def show_route(request: Request, path: FromPath[str]) -> dict[str, Any]:
-    """One path's policy (404 when it has none)."""
+    """One path's policy (404 when it has none); ``?disagreements=N`` adds the adapter's N most
+    confident disagreements to its status."""
     gateway, path = request.app.state.gateway, _route_path(path)
+    shown = _disagreements_param(request.query_params.get("disagreements"))
     gateway.routes.refresh()
     if gateway.routes.get(path) is None:
         raise NotFoundError(f"route {path!r} has no policy (PUT /admin/routes/{path} creates one)", code="unknown_route")
-    return {"path": path, **_entry(gateway, path)}
+    return {"path": path, **await _entry(gateway, path, disagreements=shown)}
 
 
 @put("/admin/routes/{path:path}", guards=[require_admin], include_in_schema=False)
@@ -77,7 +84,7 @@ async def update_route(request: Request, path: FromPath[str]) -> dict[str, Any]:
     fields = _json_object(await request.body())
     with _as_bad_request():
         gateway.routes.update(path, fields, actor=ACTOR, reason=_reason(request, "update"))
-    return {"path": path, **_entry(gateway, path)}
+    return {"path": path, **await _entry(gateway, path)}
 
 
 @post("/admin/routes/{path:path}", guards=[require_admin], status_code=200, include_in_schema=False)
@@ -95,7 +102,7 @@ async def route_action(request: Request, path: FromPath[str]) -> dict[str, Any]:
             promote(gateway.routes, path, _promote_request(await request.body()), _reason(request, "promote"))
         else:
             _rollback(gateway.routes, path, _reason(request, "rollback"))
-    return {"path": path, **_entry(gateway, path)}
+    return {"path": path, **await _entry(gateway, path)}
 
 
 ADMIN_ROUTES = [list_routes, show_route, update_route, route_action]
@@ -168,15 +175,29 @@ def _rollback(table: RouteTable, path: str, reason: str) -> RoutePolicy:
     return table.rollback(path, actor=ACTOR, reason=reason)
 
 
-def _entry(gateway: Any, path: str) -> dict[str, Any]:
+async def _entry(gateway: Any, path: str, disagreements: int = 0) -> dict[str, Any]:
     """One path's policy and history length, plus ``gateway.route_status(path)`` (live numbers:
-    loaded adapter, agreement, ...) when the gateway has it."""
+    loaded adapter, agreement, ...) when the gateway has it. The status reads the store, so it
+    runs in a thread: a long query never holds up the clients' requests."""
     routes: RouteTable = gateway.routes
     entry: dict[str, Any] = {"policy": routes.get(path).to_dict(), "history": len(routes.history(path))}
     status = getattr(gateway, "route_status", None)
     if callable(status):
-        entry["status"] = status(path)
+        entry["status"] = await asyncio.to_thread(status, path, disagreements=disagreements)
     return entry
+
+
+def _disagreements_param(raw: str | None) -> int:
+    if raw is None:
+        return 0
+    try:
+        count = int(raw)
+    except ValueError:
+        count = -1
+    if not 0 <= count <= MAX_DISAGREEMENTS:
+        raise InvalidRequestError(f"disagreements must be a whole number from 0 to {MAX_DISAGREEMENTS}, not {raw!r}",
+                                  param="disagreements", code="invalid_request")
+    return count
 
 
 def _route_path(raw: str) -> str:

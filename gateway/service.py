@@ -29,6 +29,7 @@ from arbitrage.errors import (
 )
 from arbitrage.keys import KeyStore
 from arbitrage.pricing import PriceBook
+from gateway import shadow_report
 from gateway.auth import Authenticator
 from gateway.limits import Quotas
 from gateway.local import BackgroundWork, LocalBackend
@@ -218,14 +219,18 @@ class Gateway:
         call.on_recorded = after_upstream
         return None
 
-    def route_status(self, path: str) -> dict:
+    def route_status(self, path: str, disagreements: int = 0) -> dict:
         """Live facts about a path's route (for the admin API), with the threshold calibrated on
-        its adapter's shadow and audit comparisons so far."""
+        its adapter's shadow and audit comparisons so far, and (``disagreements`` > 0) that many of
+        their most confident disagreements."""
         status = self.router.status(path)
         policy = self.routes.get(path)
         if policy is not None and policy.adapter:
-            status["calibration"] = calibrate_from_shadow(self.config.data_dir, path, Router.served_name(path, policy),
-                                                          policy)
+            adapter = Router.served_name(path, policy)
+            status["calibration"] = shadow_report.calibration(self.config.data_dir, path, adapter, policy)
+            if disagreements:
+                status["disagreements"] = shadow_report.disagreements(self.config.data_dir, path, adapter,
+                                                                      disagreements)
         return status
 
     def _upstream_for(self, model: str) -> Upstream:
@@ -263,23 +268,6 @@ class Gateway:
         except TRANSPORT_ERRORS as exc:
             raise UpstreamError(f"upstream {upstream.name!r} broke off its answer", code="upstream_broken") from exc
         return Response(content, status_code=reply.status, media_type=reply.headers.get("content-type"))
-
-
-def calibrate_from_shadow(data_dir, path: str, adapter: str, policy) -> dict:
-    """The lowest threshold whose agreement among the comparisons above it has a Wilson lower
-    bound at the policy's target (with at least ``ramp.min_samples`` of them); None if none yet."""
-    from arbitrage.capture.store import connect
-    from router.calibration import calibrate
-
-    try:
-        points = connect(data_dir).execute(
-            "SELECT confidence, agreed FROM shadow WHERE path = ? AND adapter = ? AND agreed IS NOT NULL "
-            "AND confidence IS NOT NULL", [path, adapter]).fetchall()
-    except Exception as exc:  # noqa: BLE001 - a report for an operator, never a failed request
-        return {"error": str(exc)}
-    ramp = policy.ramp
-    threshold = calibrate(points, ramp.target, z=ramp.z, min_samples=ramp.min_samples)
-    return {"samples": len(points), "target": ramp.target, "threshold": threshold}
 
 
 async def _fetch_models(upstream: Upstream, request: Request) -> list[dict]:

@@ -140,7 +140,21 @@ def test_shadow_mode_compares_in_the_background_and_the_ramp_moves_on_evidence(r
     assert calibration["samples"] >= 3 and calibration["target"] == 0.4
     disagreements = [r for r in shadow_rows(data_dir) if r["agreed"] is False]
     assert disagreements and all(r["upstream_answer"] != r["local_answer"] for r in disagreements)
+    shown = _shown_disagreements(routed, 3)
+    assert shown["total"] == len(disagreements) and len(shown["shown"]) == min(3, len(disagreements))
+    confidences = [r["confidence"] for r in shown["shown"]]
+    assert confidences == sorted(confidences, reverse=True)
+    assert confidences[0] == max(r["confidence"] for r in disagreements)
+    assert all(r["input"] in OTHERS[60:80] and r["local_answer"] == CARD_ARRIVAL for r in shown["shown"])
     assert {r["kind"] for r in shadow_rows(data_dir)} >= {"shadow"}
+
+
+def _shown_disagreements(routed, count: int) -> dict:
+    import httpx
+
+    reply = httpx.get(f"{routed.process.url}/admin/routes/{INTENTS_PATH}", params={"disagreements": count},
+                      headers={"Authorization": "Bearer dev"}, timeout=10)
+    return reply.json()["status"]["disagreements"]
 
 
 def _wait_for(fetch, count: int, timeout: float = 60):

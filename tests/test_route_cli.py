@@ -6,10 +6,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import openai
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from arbitrage.capture import migrations
+from arbitrage.capture.location import PARQUET_DIR
+from gateway.shadow_report import request_input
+from tests.conftest import banking77
 from tests.processes import ARBITRAGE, free_port
 from tests.test_admin_api import (
     AdminGateway,
@@ -98,6 +106,75 @@ def test_promote_and_rollback(admin):
 def test_promote_of_a_missing_adapter_names_it(admin):
     line = failure(route(admin, "promote", "faq", "--adapter", "v9"))
     assert line.startswith("Error: path 'faq' has no adapter v9: ") and "arbitrage distill train faq" in line
+
+
+def write_shadow(data_dir: Path, rows: list[tuple[str, str, float | None, bool | None]]) -> None:
+    """Shadow comparisons (request_id, adapter, confidence, agreed) as a compacted Parquet file of the
+    store: the comparisons themselves need a vLLM (tests/test_local_route.py)."""
+    schema = migrations.table_schema("shadow")
+    now = datetime.now(UTC)
+    records = [{"shadow_id": f"s{i}", "ts": now + timedelta(seconds=i), "request_id": request_id,
+                "path": "cli/disagree", "adapter": adapter, "kind": "shadow", "comparator": "exact",
+                "upstream_answer": f"teacher {i}", "local_answer": f"student {i}", "confidence": confidence,
+                "agreed": agreed, "cost_usd": 0.0, "latency_ms": 5.0, "error": None if agreed is not None else "timeout"}
+               for i, (request_id, adapter, confidence, agreed) in enumerate(rows)]
+    folder = data_dir / "shadow" / PARQUET_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), folder / "test-shadow.parquet")
+
+
+def test_show_lists_a_paths_most_confident_disagreements_with_their_inputs(admin):
+    app = openai.OpenAI(base_url=admin.url + "/v1", api_key=admin.client_key, max_retries=0, timeout=30)
+    texts = banking77("card_arrival")[:2]
+    ids = [app.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", extra_headers={"X-Arbitrage-Path": "cli/disagree"},
+        messages=[{"role": "system", "content": "Name the intent."}, {"role": "user", "content": text}],
+    ).headers["x-arbitrage-request-id"] for text in texts]
+    write_shadow(admin.data_dir, [
+        (ids[0], "cli/disagree/v1", 0.91, False),
+        (ids[1], "cli/disagree/v1", 0.97, False),
+        ("never-recorded", "cli/disagree/v1", 0.95, False),
+        (ids[0], "cli/disagree/v1", 0.999, True),     # agreed: not a disagreement
+        (ids[1], "cli/disagree/v1", None, None),      # no comparison (a local timeout)
+        (ids[1], "cli/disagree/v0", 0.998, False),    # another adapter's
+    ])
+    route(admin, "set", "cli/disagree", "--mode", "shadow", "--adapter", "v1")
+
+    shown = json.loads(route(admin, "show", "cli/disagree", "--disagreements", "2", "--json").stdout)
+    found = shown["cli/disagree"]["status"]["disagreements"]
+    assert found["total"] == 3
+    assert [(r["confidence"], r["request_id"], r["input"], r["upstream_answer"], r["local_answer"])
+            for r in found["shown"]] == [(0.97, ids[1], texts[1], "teacher 1", "student 1"),
+                                         (0.95, "never-recorded", None, "teacher 2", "student 2")]
+
+    table = route(admin, "show", "cli/disagree", "--disagreements", "5").stdout
+    heading, rows = table.split("\n\n")[1].split("\n", 1)
+    assert heading == "cli/disagree: the 3 most confident of 3 disagreements (adapter v1), most confident first:"
+    lines = rows.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["0.9700", "0.9500", "0.9100"]
+    assert texts[0][:20] in lines[2] and lines[1].rstrip().endswith("-"), "an unrecorded request has no input"
+
+
+def test_the_input_of_a_recorded_request():
+    chat = {"messages": [{"role": "system", "content": "Name the intent."}, {"role": "user", "content": "Card?"}]}
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Card?"}]}]}
+    assert request_input(json.dumps(chat)) == "Card?"
+    assert json.loads(request_input(json.dumps(parts))) == [{"type": "text", "text": "Card?"}]
+    assert request_input(json.dumps({"prompt": "Card?"})) == "Card?"
+    for unreadable in (None, "", "{not json", "[1, 2]", json.dumps({"messages": []})):
+        assert request_input(unreadable) is None
+
+
+def test_show_disagreements_needs_a_path_a_sane_count_and_says_when_there_are_none(admin):
+    assert "--disagreements needs a PATH" in route(admin, "show", "--disagreements", "3").stderr
+    assert route(admin, "show", "faq", "--disagreements", "0").returncode == 2
+    refused = admin.call("GET", "/faq", params={"disagreements": "500"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "disagreements"
+    assert route(admin, "show", "faq", "--disagreements", "3").stdout.endswith(
+        "faq: no adapter, so no comparisons (arbitrage route promote faq --adapter V)\n")
+    route(admin, "set", "cli/quiet", "--mode", "shadow", "--adapter", "v1")
+    assert route(admin, "show", "cli/quiet", "--disagreements", "3").stdout.endswith(
+        "cli/quiet: no disagreements among the shadow and audit comparisons of adapter v1\n")
 
 
 # Reaching the gateway

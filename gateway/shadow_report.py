@@ -1,0 +1,85 @@
+"""What a route's ``shadow`` rows say, for the admin API (``arbitrage route show``): the threshold
+calibrated on its adapter's comparisons, and its most confident disagreements with their inputs.
+
+The most confident disagreements are where a teacher's own mistakes and inputs that fit two answers
+show up first (bench/RESULTS-distill.md, "The teacher's own mistakes at the top of the confidence
+ranking"): an operator reads them before trusting, or distrusting, the calibrated threshold.
+
+Both are reports for an operator, never part of a client's request: a store that cannot be read
+gives ``{"error": ...}``, not a failure.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+MAX_DISAGREEMENTS = 100
+"""The most disagreements one admin request returns."""
+
+
+def calibration(data_dir: Path, path: str, adapter: str, policy) -> dict[str, Any]:
+    """The lowest threshold whose agreement among the comparisons above it has a Wilson lower
+    bound at the policy's target (with at least ``ramp.min_samples`` of them); None if none yet."""
+    from router.calibration import calibrate
+
+    try:
+        points = _query(data_dir, "SELECT confidence, agreed FROM shadow WHERE path = ? AND adapter = ? "
+                                  "AND agreed IS NOT NULL AND confidence IS NOT NULL", [path, adapter])
+    except Exception as exc:  # noqa: BLE001 - a report for an operator, never a failed request
+        return {"error": str(exc)}
+    ramp = policy.ramp
+    threshold = calibrate(points, ramp.target, z=ramp.z, min_samples=ramp.min_samples)
+    return {"samples": len(points), "target": ramp.target, "threshold": threshold}
+
+
+def disagreements(data_dir: Path, path: str, adapter: str, limit: int) -> dict[str, Any]:
+    """``limit`` shadow and audit comparisons of ``adapter`` that disagreed, most confident first
+    (then newest), each with the input of the client request it came from; and how many there are."""
+    try:
+        total = _query(data_dir, "SELECT count(*) FROM shadow WHERE path = ? AND adapter = ? AND agreed = false",
+                       [path, adapter])[0][0]
+        rows = _query(data_dir, """
+            WITH top AS (SELECT * FROM shadow WHERE path = ? AND adapter = ? AND agreed = false
+                         ORDER BY confidence DESC NULLS LAST, ts DESC LIMIT ?),
+                 asked AS (SELECT request_id, any_value(request) AS request FROM calls
+                           WHERE path = ? AND request_id IN (SELECT request_id FROM top) GROUP BY request_id)
+            SELECT top.ts, top.request_id, top.kind, top.confidence, top.upstream_answer, top.local_answer,
+                   asked.request
+            FROM top LEFT JOIN asked USING (request_id)
+            ORDER BY top.confidence DESC NULLS LAST, top.ts DESC""", [path, adapter, limit, path])
+    except Exception as exc:  # noqa: BLE001 - a report for an operator, never a failed request
+        return {"error": str(exc)}
+    return {"total": total, "shown": [
+        {"ts": ts.astimezone(UTC).isoformat(), "request_id": request_id, "kind": kind, "confidence": confidence,
+         "upstream_answer": upstream, "local_answer": local, "input": request_input(request)}
+        for ts, request_id, kind, confidence, upstream, local, request in rows]}
+
+
+def request_input(request: str | None) -> str | None:
+    """The last message of a recorded chat request (a completion request's prompt), as text; None
+    when the request was not recorded or has neither."""
+    from distill.evaluation import last_input
+
+    try:
+        body = json.loads(request) if request else None
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    if isinstance(body.get("messages"), list):
+        return last_input(body["messages"])
+    prompt = body.get("prompt")
+    return prompt if prompt is None or isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+
+
+def _query(data_dir: Path, sql: str, params: list[Any]) -> list[tuple]:
+    from arbitrage.capture.store import connect, retrying
+
+    con = connect(Path(data_dir))
+    try:
+        return retrying(lambda: con.execute(sql, params).fetchall())
+    finally:
+        con.close()
