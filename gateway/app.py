@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get
@@ -20,6 +21,7 @@ from gateway.chat.routes import chat_completions
 from gateway.completions.routes import completions
 from gateway.embeddings.routes import embeddings
 from gateway.errors import EXCEPTION_HANDLERS
+from gateway.limits import SHARED_LIMITS_ENV, shared_limits_in
 from gateway.metrics import multiprocess_metrics_folder
 from gateway.models.routes import list_models, retrieve_model
 from gateway.openapi import openapi_config
@@ -90,8 +92,12 @@ def serve(config: Config) -> None:
         uvicorn.run(create_app(config), **options)
         return
     os.environ[CONFIG_ENV] = msgspec.json.encode(config).decode()
-    with multiprocess_metrics_folder():
-        uvicorn.run(f"{__name__}:worker_app", factory=True, workers=config.gateway.workers, **options)
+    with multiprocess_metrics_folder() as folder:
+        shared_limits_in(Path(folder), config.data_dir)  # one rpm and one budget per key for all workers
+        try:
+            uvicorn.run(f"{__name__}:worker_app", factory=True, workers=config.gateway.workers, **options)
+        finally:
+            os.environ.pop(SHARED_LIMITS_ENV, None)
 
 
 def configure_logging(level: str) -> None:

@@ -12,22 +12,32 @@ spend has reached its budget is refused (429, ``insufficient_quota``); calls alr
 in flight may overshoot by their own cost. At start, the month so far is summed from
 the capture store, so a restart does not reset a budget.
 
-Counted per process: with N workers a key can get up to N x ``rpm``, and each worker
-sees the other workers' spend only from its own start (see the README).
+With ``workers = N``, the buckets and the spend live in one SQLite file that every worker
+uses (``SharedLimits``), so a key gets ``rpm`` requests a minute and one budget in all, not
+N of each. ``serve`` creates the file in the run's temporary folder and sums the spend into
+it from the capture store before the workers start; a worker that uvicorn restarts finds it
+as the others left it. One process keeps the same state in memory (``LocalLimits``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sqlite3
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from arbitrage.capture.migrations import SCHEMA_FILE
 from arbitrage.errors import BudgetExceededError, RateLimitError, StoreError
 from arbitrage.keys import KeyEntry
 
 log = logging.getLogger(__name__)
+
+SHARED_LIMITS_ENV = "ARBITRAGE_SHARED_LIMITS"
+"""Names the workers' shared limits file (set by ``serve`` for ``workers`` > 1)."""
 
 
 class TokenBucket:
@@ -35,11 +45,17 @@ class TokenBucket:
 
     __slots__ = ("per_minute", "_rate", "_tokens", "_stamp")
 
-    def __init__(self, per_minute: int, now: float) -> None:
+    def __init__(self, per_minute: int, now: float, tokens: float | None = None) -> None:
+        """A full bucket, or one holding ``tokens`` as of ``now``."""
         self.per_minute = per_minute
         self._rate = per_minute / 60.0
-        self._tokens = float(per_minute)
+        self._tokens = float(per_minute) if tokens is None else tokens
         self._stamp = now
+
+    @property
+    def state(self) -> tuple[float, float]:
+        """(tokens, as of when): what ``TokenBucket(per_minute, when, tokens)`` restores."""
+        return self._tokens, self._stamp
 
     def take(self, now: float) -> float:
         """Take a token: 0.0 when taken, else the seconds until one is there."""
@@ -88,13 +104,137 @@ def _periods(now: datetime) -> tuple[str, str]:
     return now.strftime("%Y-%m-%d"), now.strftime("%Y-%m")
 
 
+class LocalLimits:
+    """One process's buckets and spend, in memory."""
+
+    def __init__(self) -> None:
+        self.ledger = SpendLedger()
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, key_id: str, per_minute: int, now: float) -> float:
+        """Take one of the key's tokens: 0.0 when taken, else the seconds until one is there."""
+        bucket = self._buckets.get(key_id)
+        if bucket is None or bucket.per_minute != per_minute:
+            bucket = self._buckets[key_id] = TokenBucket(per_minute, now)
+        return bucket.take(now)
+
+    def add(self, key_id: str, cost_usd: float) -> None:
+        self.ledger.add(key_id, cost_usd)
+
+    def spent(self, key_id: str) -> tuple[float, float]:
+        return self.ledger.spent(key_id)
+
+    def load(self, day: dict[str, float], month: dict[str, float], now: datetime) -> None:
+        self.ledger.load(day, month, now)
+
+
+class SharedLimits:
+    """The buckets and spend of every worker of one gateway, in one SQLite file.
+
+    Each token taken is one short write transaction (``BEGIN IMMEDIATE``: workers take turns);
+    the file is temporary, so it is written without fsync. Spend is kept per key and period
+    ("2026-12-07", "2026-12"), so a new day or month starts from nothing by itself.
+    """
+
+    FILE = "limits.sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with self._errors():
+            self.db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = OFF")
+        with self._transaction():
+            self.db.execute("CREATE TABLE IF NOT EXISTS buckets "
+                            "(key_id TEXT PRIMARY KEY, per_minute INTEGER, tokens REAL, stamp REAL)")
+            self.db.execute("CREATE TABLE IF NOT EXISTS spend (key_id TEXT, period TEXT, usd REAL, "
+                            "PRIMARY KEY (key_id, period))")
+
+    def take(self, key_id: str, per_minute: int, now: float) -> float:
+        """As ``LocalLimits.take``, for every worker at once (``now`` is ``time.monotonic()``,
+        one clock for all processes of the machine)."""
+        with self._transaction():
+            row = self.db.execute("SELECT per_minute, tokens, stamp FROM buckets WHERE key_id = ?",
+                                  (key_id,)).fetchone()
+            bucket = (TokenBucket(per_minute, row[2], row[1]) if row and row[0] == per_minute
+                      else TokenBucket(per_minute, now))
+            wait = bucket.take(now)
+            self.db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?)", (key_id, per_minute, *bucket.state))
+        return wait
+
+    def add(self, key_id: str, cost_usd: float) -> None:
+        day, month = _periods(datetime.now(UTC))
+        with self._transaction():
+            self.db.executemany("INSERT INTO spend VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET usd = usd + excluded.usd",
+                                [(key_id, day, cost_usd), (key_id, month, cost_usd)])
+
+    def spent(self, key_id: str) -> tuple[float, float]:
+        day, month = _periods(datetime.now(UTC))
+        with self._errors():
+            found = dict(self.db.execute("SELECT period, usd FROM spend WHERE key_id = ? AND period IN (?, ?)",
+                                         (key_id, day, month)).fetchall())
+        return found.get(day, 0.0), found.get(month, 0.0)
+
+    def load(self, day: dict[str, float], month: dict[str, float], now: datetime) -> None:
+        """Replace the spend with totals summed elsewhere (the capture store) for ``now``'s periods."""
+        periods = _periods(now)
+        with self._transaction():
+            self.db.execute("DELETE FROM spend")
+            self.db.executemany("INSERT INTO spend VALUES (?, ?, ?)",
+                                [(k, periods[0], usd) for k, usd in day.items()]
+                                + [(k, periods[1], usd) for k, usd in month.items()])
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction; an SQLite failure becomes a StoreError naming the file."""
+        with self._errors():
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StoreError(f"the workers' shared limits ({self.path}) failed: {exc}") from exc
+
+
+def shared_limits_in(folder: Path, data_dir: Path) -> Path:
+    """Create the workers' shared limits in ``folder``, with this day's and month's spend summed
+    from the capture store (nothing when there is no store yet), and name it in the environment
+    the workers inherit."""
+    path = folder / SharedLimits.FILE
+    limits = SharedLimits(path)
+    try:
+        if (data_dir / SCHEMA_FILE).exists():
+            now = datetime.now(UTC)
+            try:
+                limits.load(*spend_from_store(data_dir, now), now)
+            except StoreError as exc:
+                log.warning("spend budgets start from zero: the capture store could not be read (%s)", exc)
+    finally:
+        limits.close()
+    os.environ[SHARED_LIMITS_ENV] = str(path)
+    return path
+
+
 class Quotas:
     """Admits or refuses requests by their key's limits, and keeps the spend."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, shared: Path | None = None) -> None:
+        """``shared``: the workers' SQLite file (``shared_limits_in``), which then holds the
+        spend already; None keeps this process's limits in memory."""
         self.data_dir = data_dir
-        self.ledger = SpendLedger()
-        self._buckets: dict[str, TokenBucket] = {}
+        self.shared = shared is not None
+        self.limits: LocalLimits | SharedLimits = SharedLimits(shared) if shared else LocalLimits()
 
     def admit(self, key: KeyEntry) -> None:
         """Raise RateLimitError or BudgetExceededError (429) when the key may not start a call now."""
@@ -102,7 +242,7 @@ class Quotas:
             self._take_token(key)
         if key.budget_usd_day is None and key.budget_usd_month is None:
             return
-        day, month = self.ledger.spent(key.id)
+        day, month = self.limits.spent(key.id)
         for spent, budget, period in ((day, key.budget_usd_day, "daily"), (month, key.budget_usd_month, "monthly")):
             if budget is not None and spent >= budget:
                 raise BudgetExceededError(
@@ -111,28 +251,31 @@ class Quotas:
 
     def spend(self, key_id: str, cost_usd: float | None) -> None:
         """Count what a finished call cost (unpriced calls count nothing)."""
-        if cost_usd:
-            self.ledger.add(key_id, cost_usd)
+        if not cost_usd:
+            return
+        try:
+            self.limits.add(key_id, cost_usd)
+        except StoreError as exc:  # the call is done: it is recorded, only the budget misses it
+            log.error("the spend of key %s was not counted: %s", key_id, exc)
 
     def _take_token(self, key: KeyEntry) -> None:
-        now = time.monotonic()
-        bucket = self._buckets.get(key.id)
-        if bucket is None or bucket.per_minute != key.rpm:
-            bucket = self._buckets[key.id] = TokenBucket(key.rpm, now)
-        wait = bucket.take(now)
+        wait = self.limits.take(key.id, key.rpm, time.monotonic())
         if wait:
             raise RateLimitError(f"This gateway key is limited to {key.rpm} requests per minute; "
                                  f"retry in {wait:.1f} s.", code="rate_limit_exceeded", retry_after_s=wait)
 
     def restore(self) -> None:
-        """Sum this UTC day's and month's spend per key from the capture store."""
+        """Sum this UTC day's and month's spend per key from the capture store (shared limits
+        have it already)."""
+        if self.shared:
+            return
         now = datetime.now(UTC)
         try:
             day, month = spend_from_store(self.data_dir, now)
         except StoreError as exc:
             log.warning("spend budgets start from zero: the capture store could not be read (%s)", exc)
             return
-        self.ledger.load(day, month, now)
+        self.limits.load(day, month, now)
         if month:
             log.info("spend this month restored for %d keys from the capture store", len(month))
 

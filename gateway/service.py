@@ -10,8 +10,10 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -31,7 +33,7 @@ from arbitrage.keys import KeyStore
 from arbitrage.pricing import PriceBook
 from gateway import shadow_report
 from gateway.auth import Authenticator
-from gateway.limits import Quotas
+from gateway.limits import SHARED_LIMITS_ENV, Quotas
 from gateway.local import BackgroundWork, LocalBackend
 from gateway.metrics import Metrics
 from gateway.paths import METADATA_KEY, PATH_HEADER, derived_path, explicit_path
@@ -85,7 +87,8 @@ class Gateway:
         self.auth = Authenticator(self.keys, config.gateway.dev)
         self.store = CaptureStore(config.data_dir, config.capture, config.capture_url)
         self.proxy = Proxy(self.store, PriceBook(config.prices), self.metrics)
-        self.quotas = Quotas(config.data_dir)
+        shared = os.environ.get(SHARED_LIMITS_ENV)  # set by serve() for workers > 1
+        self.quotas = Quotas(config.data_dir, shared=Path(shared) if shared else None)
         self.proxy.on_spend = self.quotas.spend
         self.pool = UpstreamPool([])
         self._background: asyncio.Task | None = None

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from arbitrage.capture.store import CaptureStore
-from arbitrage.errors import BudgetExceededError, RateLimitError
+from arbitrage.errors import BudgetExceededError, RateLimitError, StoreError
 from arbitrage.keys import KeyEntry, KeyLimits, KeyStore
 from gateway.errors import handle_api_error
-from gateway.limits import Quotas, SpendLedger, TokenBucket, spend_from_store
+from gateway.limits import (
+    SHARED_LIMITS_ENV,
+    Quotas,
+    SharedLimits,
+    SpendLedger,
+    TokenBucket,
+    shared_limits_in,
+    spend_from_store,
+)
 from tests.conftest import UPSTREAM_KEY
 from tests.processes import arbitrage, gateway
 
@@ -85,7 +96,7 @@ def test_budgets_are_per_key():
 def test_unpriced_calls_spend_nothing():
     quotas = Quotas(data_dir=None)
     quotas.spend("key_test", None)
-    assert quotas.ledger.spent("key_test") == (0.0, 0.0)
+    assert quotas.limits.spent("key_test") == (0.0, 0.0)
 
 
 def test_ledger_starts_a_new_day_and_a_new_month():
@@ -101,6 +112,70 @@ def test_ledger_keeps_the_month_across_days():
     ledger = SpendLedger()
     ledger.add("k", 2.0, datetime(2026, 3, 1, tzinfo=UTC))
     assert ledger.spent("k", datetime(2026, 3, 2, tzinfo=UTC)) == (0.0, 2.0)
+
+
+# --- shared by the workers of one gateway (workers > 1) ----------------------------------------------
+
+def test_workers_share_one_bucket_per_key(tmp_path):
+    first, second = SharedLimits(tmp_path / "limits.sqlite"), SharedLimits(tmp_path / "limits.sqlite")
+    assert [first.take("k", 3, 0.0), second.take("k", 3, 0.0), first.take("k", 3, 0.0)] == [0.0] * 3
+    assert second.take("k", 3, 0.0) == pytest.approx(20.0), "the three tokens are gone, whoever took them"
+    assert first.take("other", 3, 0.0) == 0.0, "each key has its own bucket"
+    assert second.take("k", 3, 20.0) == 0.0, "refilled at rpm / 60 a second"
+    assert first.take("k", 6, 20.0) == 0.0, "a changed rpm starts a full bucket"
+
+
+def _take_tokens(path: str, tokens: int, start, queue) -> None:
+    limits = SharedLimits(Path(path))
+    start.wait()
+    queue.put(sum(limits.take("k", 1000, now=5.0) == 0.0 for _ in range(tokens)))  # a stopped clock: no refill
+
+
+def test_processes_taking_at_once_get_exactly_the_buckets_tokens(tmp_path):
+    path = tmp_path / "limits.sqlite"
+    SharedLimits(path).close()
+    context = multiprocessing.get_context("spawn")
+    queue, start = context.Queue(), context.Barrier(3)
+    takers = [context.Process(target=_take_tokens, args=(str(path), 700, start, queue)) for _ in range(3)]
+    for taker in takers:
+        taker.start()
+    taken = [queue.get(timeout=120) for _ in takers]
+    for taker in takers:
+        taker.join(30)
+    assert sum(taken) == 1000, f"2,100 tries at a 1,000-token bucket took {taken}"
+
+
+def test_workers_share_the_spend_and_it_starts_from_the_store(tmp_path):
+    write_calls(tmp_path / "data", [("a", datetime.now(UTC), 0.25)])
+    path = shared_limits_in(tmp_path, tmp_path / "data")
+    try:
+        assert os.environ[SHARED_LIMITS_ENV] == str(path)
+        first, second = Quotas(None, shared=path), Quotas(None, shared=path)
+        first.restore()  # the shared file has the spend already: nothing summed twice
+        assert second.limits.spent("a") == (0.25, 0.25)
+        first.spend("a", 0.5)
+        assert second.limits.spent("a") == (0.75, 0.75)
+        with pytest.raises(BudgetExceededError):
+            second.admit(KeyEntry("a", "a", "", "", budget_usd_day=0.7))
+    finally:
+        os.environ.pop(SHARED_LIMITS_ENV, None)
+
+
+def test_shared_limits_before_the_first_store_start_from_zero(tmp_path):
+    path = shared_limits_in(tmp_path, tmp_path / "no-store-yet")
+    os.environ.pop(SHARED_LIMITS_ENV, None)
+    assert SharedLimits(path).spent("a") == (0.0, 0.0)
+
+
+def test_a_broken_shared_file_refuses_to_admit_but_never_fails_a_finished_call(tmp_path, caplog):
+    with pytest.raises(StoreError, match="the workers' shared limits .*missing"):
+        SharedLimits(tmp_path / "missing" / "limits.sqlite")
+    quotas = Quotas(None, shared=tmp_path / "limits.sqlite")
+    quotas.limits.close()  # as if the file had gone bad under the gateway
+    with pytest.raises(StoreError):
+        quotas.admit(key(rpm=5))
+    quotas.spend("key_test", 0.01)
+    assert "the spend of key key_test was not counted" in caplog.text
 
 
 def write_calls(data_dir, rows):
@@ -122,7 +197,7 @@ def test_spend_is_summed_from_the_store_by_day_and_month(tmp_path):
 def test_restore_without_a_store_starts_from_zero(tmp_path):
     quotas = Quotas(tmp_path / "missing")
     quotas.restore()
-    assert quotas.ledger.spent("a") == (0.0, 0.0)
+    assert quotas.limits.spent("a") == (0.0, 0.0)
 
 
 def test_429_response_has_openai_shape_and_retry_after():

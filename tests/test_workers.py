@@ -1,6 +1,7 @@
 """Several workers behind one port (``serve --workers``): every request recorded exactly once, each
 worker with its own journal, /metrics summed over all workers whichever answers, a new key seen by
-every worker, and a killed worker replaced by uvicorn's supervisor with nothing completed lost."""
+every worker, one rate limit and one budget per key for all workers, and a killed worker replaced by
+uvicorn's supervisor with nothing completed lost."""
 
 from __future__ import annotations
 
@@ -142,6 +143,31 @@ def test_a_key_created_while_serving_works_on_every_worker(two_workers):
     clients = [openai.OpenAI(base_url=two_workers.base_url, api_key=key, max_retries=0) for _ in range(8)]
     with ThreadPoolExecutor(8) as executor:
         assert len(list(executor.map(one_call, clients * 3))) == 24
+
+
+def statuses(gw: Gateway, key: str, requests: int, clients: int) -> list[int]:
+    """HTTP statuses of ``requests`` calls with ``key``, each on a fresh connection (so the workers
+    share them), from ``clients`` threads."""
+    def status(_) -> int:
+        return httpx.post(gw.base_url + "/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=30,
+                          json={"model": "gpt-4o-mini", "messages": MESSAGES}).status_code
+
+    with ThreadPoolExecutor(clients) as executor:
+        return list(executor.map(status, range(requests)))
+
+
+def test_a_key_has_one_rate_limit_and_one_budget_for_all_workers(two_workers):
+    data_dir = str(two_workers.data_dir)
+    rpm = arbitrage("keys", "create", "rpm-app", "--rpm", "10", "--data-dir", data_dir).stdout.strip()
+    tiny = arbitrage("keys", "create", "tiny-app", "--budget-usd-day", "0.0000001", "--data-dir", data_dir).stdout.strip()
+    time.sleep(1.5)  # each worker re-reads the key file at most once a second
+    started = time.monotonic()
+    answered = statuses(two_workers, rpm, 40, clients=8)
+    refilled = (time.monotonic() - started) * 10 / 60
+    assert set(answered) == {200, 429}
+    assert 10 <= answered.count(200) <= 10 + refilled, f"{answered.count(200)} answered at 10 rpm (one bucket per worker: 20)"
+    answered = statuses(two_workers, tiny, 12, clients=1)
+    assert answered == [200] + [429] * 11, "the first call spent the day's budget on every worker"
 
 
 def load(gw: Gateway, stop: threading.Event, done: list[str], failed: list[str]) -> None:
