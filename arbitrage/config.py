@@ -67,8 +67,8 @@ class GatewaySettings(_Section):
     """A client must send a request's line and headers within this many seconds of its first byte,
     else the connection is closed (slow-loris defence; uvicorn has no such timeout)."""
     workers: int = 1
-    """Worker processes serving the port: each writes its own capture journal, and /metrics from
-    any of them shows the sum over all."""
+    """Worker processes serving the port: each writes its own capture journal, /metrics from any
+    of them shows the sum over all, and a key's rpm and budgets hold for all of them together."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
