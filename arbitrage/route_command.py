@@ -18,7 +18,7 @@ import httpx
 
 from arbitrage.cli_options import CONFIG_OPTION, friendly_errors
 from arbitrage.config import load_config
-from gateway.shadow_report import MAX_DISAGREEMENTS
+from gateway.shadow_report import MAX_DISAGREEMENTS, VERDICTS
 
 ADMIN_KEY_ENV = "ARBITRAGE_ADMIN_KEY"
 HEADER = ["path", "mode", "share", "threshold", "adapter", "comparator", "history", "calibrated (shadow data)"]
@@ -129,14 +129,16 @@ def render_disagreements(path: str, entry: dict[str, Any]) -> str:
         return f"{path}: the shadow table could not be read: {found['error']}"
     if not found["shown"]:
         return f"{path}: no disagreements among the shadow and audit comparisons of adapter {entry['policy']['adapter']}"
-    table = Table("confidence", "kind", "time (UTC)", "upstream", "local", "input", box=None, header_style="bold",
-                  pad_edge=False)
+    table = Table("confidence", "comparison", "kind", "time (UTC)", "upstream", "local", "input", "reviewed",
+                  box=None, header_style="bold", pad_edge=False)
     for row in found["shown"]:
         confidence = "-" if row["confidence"] is None else f"{row['confidence']:.4f}"
-        table.add_row(confidence, row["kind"], row["ts"][:19].replace("T", " "), _cell(row["upstream_answer"]),
-                      _cell(row["local_answer"]), _cell(row["input"], 60))
+        table.add_row(confidence, row["shadow_id"], row["kind"], row["ts"][:19].replace("T", " "),
+                      _cell(row["upstream_answer"], 24), _cell(row["local_answer"], 24), _cell(row["input"], 48),
+                      row["verdict"] or "-")
     heading = (f"{path}: the {len(found['shown'])} most confident of {found['total']} disagreements "
-               f"(adapter {entry['policy']['adapter']}), most confident first:")
+               f"(adapter {entry['policy']['adapter']}), most confident first "
+               f"(arbitrage route review {path} COMPARISON --verdict ...):")
     return heading + "\n" + _text(table)
 
 
@@ -163,13 +165,15 @@ def _row(path: str, entry: dict[str, Any]) -> list[str]:
 
 
 def _calibrated(status: dict[str, Any]) -> str:
-    """The threshold calibrated on shadow data, with its sample count."""
+    """The threshold calibrated on shadow data, with its sample count (and how many of the
+    comparisons a review found the upstream answer wrong in)."""
     calibration = status.get("calibration")
     if not calibration or "samples" not in calibration:
         return "-"
     threshold = calibration["threshold"]
     shown = f"{threshold:.4g}" if threshold is not None else "not yet"
-    return f"{shown} ({calibration['samples']} compared)"
+    overruled = calibration.get("reviewed_upstream_wrong")
+    return f"{shown} ({calibration['samples']} compared{f', {overruled} upstream wrong' if overruled else ''})"
 
 
 @route.command("set")
@@ -229,6 +233,24 @@ def rollback(path, reason, url, admin_key, config_path) -> None:
     """Restore PATH's previous policy (without one: shadow mode, share 0)."""
     entry = _client(url, admin_key, config_path).call("POST", path, "rollback", params=_params(reason))
     click.echo(summary(entry))
+
+
+@route.command("review")
+@click.argument("path")
+@click.argument("comparison")
+@click.option("--verdict", required=True, type=click.Choice(VERDICTS),
+              help="upstream_wrong: the local answer was right (the calibration then counts the comparison as "
+                   "agreed); local_wrong: the upstream answer was right; ambiguous: the input fits both.")
+@click.option("--note", help="Why (kept in the reviews table).")
+@gateway_options
+@friendly_errors
+def review(path, comparison, verdict, note, url, admin_key, config_path) -> None:
+    """Record your verdict on one of PATH's shadow or audit comparisons (COMPARISON: its id, from
+    arbitrage route show PATH --disagreements N); the latest verdict on a comparison counts."""
+    body = {"shadow_id": comparison, "verdict": verdict, **({"note": note} if note else {})}
+    entry = _client(url, admin_key, config_path).call("POST", path, "review", json=body)
+    click.echo(f"{path}: comparison {comparison} reviewed {verdict}; calibrated threshold now "
+               f"{_calibrated(entry.get('status') or {})}")
 
 
 def _params(reason: str | None) -> dict[str, str]:

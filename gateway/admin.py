@@ -7,6 +7,8 @@
     PUT  /admin/routes/PATH                 policy fields, merged onto the current policy
     POST /admin/routes/PATH/promote         {"adapter": "v3", "threshold": 0.8?}: shadow, share 0
     POST /admin/routes/PATH/rollback        the previous policy (else shadow, share 0)
+    POST /admin/routes/PATH/review          {"shadow_id": "...", "verdict": "upstream_wrong", "note": "..."?}:
+                                            a person's verdict on one comparison (a ``reviews`` row)
 
 PATH is the call path itself, slashes included (``/admin/routes/support/intents``). Changes are
 written to ``<data_dir>/routes.json`` through the gateway's ``RouteTable`` (every worker sees them
@@ -20,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +36,14 @@ from litestar.params import FromPath
 from arbitrage.config import check_route_path
 from arbitrage.errors import ConfigError, InvalidRequestError, NotFoundError
 from distill.versions import MANIFEST, versions
+from gateway import shadow_report
 from gateway.auth import require_admin
 from gateway.route_table import RouteTable
-from gateway.shadow_report import MAX_DISAGREEMENTS
+from gateway.shadow_report import MAX_DISAGREEMENTS, Verdict
 from router.policy import ComparatorSpec, RoutePolicy
 
 ACTOR = "admin"
-ACTIONS = ("promote", "rollback")
+ACTIONS = ("promote", "rollback", "review")
 _AT_FIELD = re.compile(r"at `\$\.([^`]+)`")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 _NAMED_FIELD = re.compile(r'^(?:routes\."[^"]*": )?([a-z_]+(?:\.[a-z_]+)?)\b')
@@ -89,14 +94,17 @@ async def update_route(request: Request, path: FromPath[str]) -> dict[str, Any]:
 
 @post("/admin/routes/{path:path}", guards=[require_admin], status_code=200, include_in_schema=False)
 async def route_action(request: Request, path: FromPath[str]) -> dict[str, Any]:
-    """``PATH/promote`` or ``PATH/rollback`` (litestar's path parameters end the route, so the
-    action is the last segment)."""
+    """``PATH/promote``, ``PATH/rollback`` or ``PATH/review`` (litestar's path parameters end the
+    route, so the action is the last segment)."""
     gateway = request.app.state.gateway
     path, _, action = path.strip("/").rpartition("/")
     if action not in ACTIONS or not path:
-        raise NotFoundError(f"unknown route action {action!r}: POST /admin/routes/PATH/promote or "
-                            f"/admin/routes/PATH/rollback", code="unknown_url")
+        raise NotFoundError(f"unknown route action {action!r}: POST /admin/routes/PATH/promote, "
+                            f"/admin/routes/PATH/rollback or /admin/routes/PATH/review", code="unknown_url")
     path = _route_path(path)
+    if action == "review":
+        recorded = await review(gateway, path, _review_request(await request.body()), request)
+        return {"path": path, "review": recorded, **await _entry(gateway, path)}
     with _as_bad_request():
         if action == "promote":
             promote(gateway.routes, path, _promote_request(await request.body()), _reason(request, "promote"))
@@ -107,6 +115,35 @@ async def route_action(request: Request, path: FromPath[str]) -> dict[str, Any]:
 
 ADMIN_ROUTES = [list_routes, show_route, update_route, route_action]
 """The handlers to register in the app."""
+
+
+class ReviewRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of ``POST /admin/routes/PATH/review``."""
+
+    shadow_id: str
+    """The comparison reviewed (``arbitrage route show PATH --disagreements N`` lists them)."""
+    verdict: Verdict
+    """upstream_wrong: the local answer was right (the calibration then counts the comparison as agreed);
+    local_wrong: the upstream answer was right; ambiguous: the input fits both."""
+    note: str | None = None
+    """Why, for whoever reads the ``reviews`` table next."""
+
+
+async def review(gateway: Any, path: str, request: ReviewRequest, http: Request) -> dict[str, Any]:
+    """Record a person's verdict on one of ``path``'s comparisons (404 when it has none of that id)."""
+    gateway.routes.refresh()
+    if gateway.routes.get(path) is None:
+        raise NotFoundError(f"route {path!r} has no policy, so no comparisons to review", code="unknown_route")
+    found = await asyncio.to_thread(shadow_report.comparison, gateway.config.data_dir, path, request.shadow_id)
+    if found is None:
+        raise NotFoundError(f"path {path!r} has no comparison {request.shadow_id!r} (arbitrage route show {path} "
+                            f"--disagreements 20 lists them)", code="unknown_comparison")
+    key = getattr(http.state, "key", None)
+    row = {"review_id": os.urandom(8).hex(), "ts": datetime.now(UTC), "shadow_id": request.shadow_id, "path": path,
+           "adapter": found["adapter"], "verdict": request.verdict, "reviewer": key.name if key else None,
+           "note": request.note}
+    gateway.store.append("reviews", row)
+    return {**row, "ts": row["ts"].isoformat()}
 
 
 def promote(table: RouteTable, path: str, request: PromoteRequest, reason: str) -> RoutePolicy:
@@ -224,6 +261,15 @@ def _json_object(body: bytes) -> dict[str, Any]:
         raise InvalidRequestError("The request body must be a JSON object of policy fields, e.g. "
                                   '{"mode": "canary", "share": 5}', code="invalid_policy")
     return fields
+
+
+def _review_request(body: bytes) -> ReviewRequest:
+    try:
+        return msgspec.json.decode(body or b"{}", type=ReviewRequest)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"review: {exc}", param=_param(str(exc)), code="invalid_request") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 def _promote_request(body: bytes) -> PromoteRequest:

@@ -14,48 +14,72 @@ from __future__ import annotations
 import json
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 MAX_DISAGREEMENTS = 100
 """The most disagreements one admin request returns."""
 
 
+Verdict = Literal["upstream_wrong", "local_wrong", "ambiguous"]
+"""What a person can find a comparison to be (``arbitrage route review``). ``upstream_wrong``: the
+local answer was the right one, so the comparison counts as agreed in the calibration."""
+VERDICTS: tuple[str, ...] = get_args(Verdict)
+
+LATEST_REVIEWS = """(SELECT shadow_id, arg_max(verdict, ts) AS verdict FROM reviews WHERE path = ?
+                    GROUP BY shadow_id)"""
+
+
 def calibration(data_dir: Path, path: str, adapter: str, policy) -> dict[str, Any]:
     """The lowest threshold whose agreement among the comparisons above it has a Wilson lower
-    bound at the policy's target (with at least ``ramp.min_samples`` of them); None if none yet."""
+    bound at the policy's target (with at least ``ramp.min_samples`` of them); None if none yet.
+    A comparison reviewed ``upstream_wrong`` counts as agreed (``reviewed`` says how many)."""
     from router.calibration import calibrate
 
     try:
-        points = _query(data_dir, "SELECT confidence, agreed FROM shadow WHERE path = ? AND adapter = ? "
-                                  "AND agreed IS NOT NULL AND confidence IS NOT NULL", [path, adapter])
+        rows = _query(data_dir, f"""
+            SELECT s.confidence, s.agreed, coalesce(r.verdict = 'upstream_wrong', false) AS overruled
+            FROM shadow s LEFT JOIN {LATEST_REVIEWS} r USING (shadow_id)
+            WHERE s.path = ? AND s.adapter = ? AND s.agreed IS NOT NULL AND s.confidence IS NOT NULL""",
+                      [path, path, adapter])
     except Exception as exc:  # noqa: BLE001 - a report for an operator, never a failed request
         return {"error": str(exc)}
+    points = [(confidence, agreed or overruled) for confidence, agreed, overruled in rows]
     ramp = policy.ramp
     threshold = calibrate(points, ramp.target, z=ramp.z, min_samples=ramp.min_samples)
-    return {"samples": len(points), "target": ramp.target, "threshold": threshold}
+    return {"samples": len(points), "target": ramp.target, "threshold": threshold,
+            "reviewed_upstream_wrong": sum(not agreed and overruled for _, agreed, overruled in rows)}
 
 
 def disagreements(data_dir: Path, path: str, adapter: str, limit: int) -> dict[str, Any]:
     """``limit`` shadow and audit comparisons of ``adapter`` that disagreed, most confident first
-    (then newest), each with the input of the client request it came from; and how many there are."""
+    (then newest), each with the input of the client request it came from and its latest review;
+    and how many there are."""
     try:
         total = _query(data_dir, "SELECT count(*) FROM shadow WHERE path = ? AND adapter = ? AND agreed = false",
                        [path, adapter])[0][0]
-        rows = _query(data_dir, """
+        rows = _query(data_dir, f"""
             WITH top AS (SELECT * FROM shadow WHERE path = ? AND adapter = ? AND agreed = false
                          ORDER BY confidence DESC NULLS LAST, ts DESC LIMIT ?),
                  asked AS (SELECT request_id, any_value(request) AS request FROM calls
                            WHERE path = ? AND request_id IN (SELECT request_id FROM top) GROUP BY request_id)
-            SELECT top.ts, top.request_id, top.kind, top.confidence, top.upstream_answer, top.local_answer,
-                   asked.request
-            FROM top LEFT JOIN asked USING (request_id)
-            ORDER BY top.confidence DESC NULLS LAST, top.ts DESC""", [path, adapter, limit, path])
+            SELECT top.shadow_id, top.ts, top.request_id, top.kind, top.confidence, top.upstream_answer,
+                   top.local_answer, asked.request, r.verdict
+            FROM top LEFT JOIN asked USING (request_id) LEFT JOIN {LATEST_REVIEWS} r USING (shadow_id)
+            ORDER BY top.confidence DESC NULLS LAST, top.ts DESC""", [path, adapter, limit, path, path])
     except Exception as exc:  # noqa: BLE001 - a report for an operator, never a failed request
         return {"error": str(exc)}
     return {"total": total, "shown": [
-        {"ts": ts.astimezone(UTC).isoformat(), "request_id": request_id, "kind": kind, "confidence": confidence,
-         "upstream_answer": upstream, "local_answer": local, "input": request_input(request)}
-        for ts, request_id, kind, confidence, upstream, local, request in rows]}
+        {"shadow_id": shadow_id, "ts": ts.astimezone(UTC).isoformat(), "request_id": request_id, "kind": kind,
+         "confidence": confidence, "upstream_answer": upstream, "local_answer": local,
+         "input": request_input(request), "verdict": verdict}
+        for shadow_id, ts, request_id, kind, confidence, upstream, local, request, verdict in rows]}
+
+
+def comparison(data_dir: Path, path: str, shadow_id: str) -> dict[str, Any] | None:
+    """One shadow or audit comparison of ``path`` (None when it has none of that id)."""
+    rows = _query(data_dir, "SELECT adapter, agreed FROM shadow WHERE path = ? AND shadow_id = ? LIMIT 1",
+                  [path, shadow_id])
+    return {"shadow_id": shadow_id, "adapter": rows[0][0], "agreed": rows[0][1]} if rows else None
 
 
 def request_input(request: str | None) -> str | None:

@@ -16,9 +16,12 @@ import pytest
 
 from arbitrage.capture import migrations
 from arbitrage.capture.location import PARQUET_DIR
+from arbitrage.capture.store import CaptureStore
+from gateway import shadow_report
 from gateway.shadow_report import request_input
+from router.policy import RoutePolicy
 from tests.conftest import banking77
-from tests.processes import ARBITRAGE, free_port
+from tests.processes import ARBITRAGE, arbitrage, free_port
 from tests.test_admin_api import (
     AdminGateway,
     start_admin_gateway,
@@ -123,7 +126,11 @@ def write_shadow(data_dir: Path, rows: list[tuple[str, str, float | None, bool |
     pq.write_table(pa.Table.from_pylist(records, schema=schema), folder / "test-shadow.parquet")
 
 
-def test_show_lists_a_paths_most_confident_disagreements_with_their_inputs(admin):
+@pytest.fixture(scope="module")
+def compared(admin) -> tuple[list[str], list[str]]:
+    """Two real calls of path cli/disagree through the gateway, and six comparisons of them (s0-s5):
+    three disagreements of adapter v1 (0.91, 0.97, and 0.95 of a request never recorded), one
+    agreement, one without a comparison, one of another adapter. Returns (texts, request ids)."""
     app = openai.OpenAI(base_url=admin.url + "/v1", api_key=admin.client_key, max_retries=0, timeout=30)
     texts = banking77("card_arrival")[:2]
     ids = [app.chat.completions.with_raw_response.create(
@@ -139,7 +146,11 @@ def test_show_lists_a_paths_most_confident_disagreements_with_their_inputs(admin
         (ids[1], "cli/disagree/v0", 0.998, False),    # another adapter's
     ])
     route(admin, "set", "cli/disagree", "--mode", "shadow", "--adapter", "v1")
+    return texts, ids
 
+
+def test_show_lists_a_paths_most_confident_disagreements_with_their_inputs(admin, compared):
+    texts, ids = compared
     shown = json.loads(route(admin, "show", "cli/disagree", "--disagreements", "2", "--json").stdout)
     found = shown["cli/disagree"]["status"]["disagreements"]
     assert found["total"] == 3
@@ -149,10 +160,55 @@ def test_show_lists_a_paths_most_confident_disagreements_with_their_inputs(admin
 
     table = route(admin, "show", "cli/disagree", "--disagreements", "5").stdout
     heading, rows = table.split("\n\n")[1].split("\n", 1)
-    assert heading == "cli/disagree: the 3 most confident of 3 disagreements (adapter v1), most confident first:"
+    assert heading == ("cli/disagree: the 3 most confident of 3 disagreements (adapter v1), most confident first "
+                       "(arbitrage route review cli/disagree COMPARISON --verdict ...):")
     lines = rows.splitlines()[1:]
-    assert [line.split()[0] for line in lines] == ["0.9700", "0.9500", "0.9100"]
-    assert texts[0][:20] in lines[2] and lines[1].rstrip().endswith("-"), "an unrecorded request has no input"
+    assert [line.split()[:2] for line in lines] == [["0.9700", "s1"], ["0.9500", "s2"], ["0.9100", "s0"]]
+    assert texts[0][:20] in lines[2] and lines[1].split()[-2:] == ["-", "-"], "an unrecorded request has no input"
+
+
+def test_review_records_a_verdict_that_the_disagreements_show(admin, compared):
+    reviewed = route(admin, "review", "cli/disagree", "s1", "--verdict", "ambiguous", "--note", "fits both")
+    assert reviewed.stdout.startswith("cli/disagree: comparison s1 reviewed ambiguous; calibrated threshold now")
+    route(admin, "review", "cli/disagree", "s1", "--verdict", "upstream_wrong")  # the latest verdict counts
+    shown = json.loads(route(admin, "show", "cli/disagree", "--disagreements", "2", "--json").stdout)["cli/disagree"]
+    assert [(r["shadow_id"], r["verdict"]) for r in shown["status"]["disagreements"]["shown"]] == [
+        ("s1", "upstream_wrong"), ("s2", None)]
+    assert shown["status"]["calibration"]["reviewed_upstream_wrong"] == 1
+    assert "(4 compared, 1 upstream wrong)" in route(admin, "show", "cli/disagree").stdout
+    [row] = json.loads(arbitrage("sql", "SELECT * FROM reviews WHERE note = 'fits both'", "--json", "--data-dir",
+                                 str(admin.data_dir)).stdout)
+    assert (row["shadow_id"], row["adapter"], row["verdict"], row["reviewer"]) == ("s1", "cli/disagree/v1",
+                                                                                   "ambiguous", "ops")
+
+
+def test_a_review_of_an_unknown_comparison_or_with_a_bad_verdict_is_refused(admin):
+    route(admin, "set", "cli/unreviewed", "--mode", "shadow", "--adapter", "v1")
+    line = failure(route(admin, "review", "cli/unreviewed", "nope", "--verdict", "local_wrong"))
+    assert line.startswith("Error: path 'cli/unreviewed' has no comparison 'nope'")
+    assert "has no policy" in failure(route(admin, "review", "cli/none", "s1", "--verdict", "local_wrong"))
+    assert route(admin, "review", "cli/unreviewed", "s1", "--verdict", "fine").returncode == 2
+    refused = admin.call("POST", "/cli/unreviewed/review", json={"shadow_id": "s1", "verdict": "fine"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "verdict"
+    assert admin.call("POST", "/cli/unreviewed/review", key="client",
+                      json={"shadow_id": "s1", "verdict": "ambiguous"}).status_code == 403
+
+
+def test_a_comparison_reviewed_upstream_wrong_counts_as_agreed_in_the_calibration(tmp_path):
+    store = CaptureStore(tmp_path)
+    store.open()
+    rows = [("top", 0.99, False)] + [(f"a{i}", 0.5 + i / 250, True) for i in range(100)]
+    for shadow_id, confidence, agreed in rows:
+        store.append("shadow", {"shadow_id": shadow_id, "ts": datetime.now(UTC), "path": "p", "adapter": "p/v1",
+                                "kind": "shadow", "confidence": confidence, "agreed": agreed})
+    policy = RoutePolicy.from_dict({"mode": "shadow", "adapter": "v1", "ramp": {"target": 0.95, "min_samples": 50}})
+    before = shadow_report.calibration(tmp_path, "p", "p/v1", policy)
+    assert (before["threshold"], before["reviewed_upstream_wrong"]) == (None, 0), "100 of 101: lower bound 0.946"
+    store.append("reviews", {"review_id": "r", "ts": datetime.now(UTC), "shadow_id": "top", "path": "p",
+                             "adapter": "p/v1", "verdict": "upstream_wrong"})
+    after = shadow_report.calibration(tmp_path, "p", "p/v1", policy)
+    assert (after["threshold"], after["reviewed_upstream_wrong"], after["samples"]) == (0.5, 1, 101)
+    store.close()
 
 
 def test_the_input_of_a_recorded_request():

@@ -115,6 +115,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             ("evidence", pa.string()),         # JSON text (e.g. the ramp's agreement counts and bounds), or NULL
         ),
     ),
+    Migration(
+        "0005_create_reviews",
+        "reviews",
+        (
+            ("review_id", pa.string()),
+            ("ts", pa.timestamp("us", tz="UTC")),
+            ("shadow_id", pa.string()),        # the shadow or audit comparison a person reviewed
+            ("path", pa.string()),
+            ("adapter", pa.string()),
+            ("verdict", pa.string()),          # upstream_wrong | local_wrong | ambiguous (the latest one counts)
+            ("reviewer", pa.string()),         # the admin key's name
+            ("note", pa.string()),
+        ),
+    ),
 )
 
 
