@@ -247,8 +247,16 @@ class LocalSettings(_Section):
     """Longest wait for the server to become healthy after ``arbitrage local up``."""
     timeout_s: float = 30.0
     """Longest wait for one local answer (the route falls back upstream after a shorter per-path timeout)."""
+    shadow_concurrency: int = 4
+    """Shadow and audit comparisons running at once, per gateway worker (in the background: a client's
+    request never waits for them)."""
+    shadow_queue: int = 256
+    """Shadow and audit comparisons waiting at most, per worker; what arrives beyond is dropped and counted
+    (``arbitrage_shadow_dropped_total``, reason queue_full)."""
 
     def __post_init__(self) -> None:
+        if min(self.shadow_concurrency, self.shadow_queue) < 1:
+            raise ValueError("local: shadow_concurrency and shadow_queue must be at least 1")
         if self.url is not None and (urlsplit(self.url).scheme not in ("http", "https") or not urlsplit(self.url).netloc):
             raise ValueError(f"local.url must be an http(s) URL, got {self.url!r}")
         if not 0 < self.port < 65536:

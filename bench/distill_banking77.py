@@ -125,9 +125,9 @@ def arbitrage_cli(args: list[str], log: Path, env: dict | None = None) -> str:
 
 
 def start_sim_and_gateway(run: Path, cleanup: Cleanup, latency: list[str] | None = None,
-                          local_url: str | None = None):
+                          local_url: str | None = None, local_settings: str = ""):
     """`arbitrage sim` (both Banking77 files) and `arbitrage serve --dev` in front of it (with a
-    local model server at ``local_url``, if given)."""
+    local model server at ``local_url``, if given, and more ``[local]`` TOML lines)."""
     from arbitrage.server_process import ARBITRAGE, ServerProcess, free_port
 
     write_sim_dataset(run / "banking77-all.csv")
@@ -140,7 +140,8 @@ def start_sim_and_gateway(run: Path, cleanup: Cleanup, latency: list[str] | None
     sim.start(timeout=60)
     config = run / "arbitrage.toml"
     config.write_text(f'[gateway]\ndev = true\n\n[[upstreams]]\nname = "sim"\nbase_url = "{sim.url}/v1"\n'
-                      f'models = ["*"]\nmax_retries = 2\n' + (f'\n[local]\nurl = "{local_url}"\n' if local_url else ""))
+                      f'models = ["*"]\nmax_retries = 2\n'
+                      + (f'\n[local]\nurl = "{local_url}"\n{local_settings}' if local_url else ""))
     port = free_port()
     gateway = ServerProcess(ARBITRAGE + ["serve", "--dev", "--port", str(port), "--data-dir", str(run / "data"),
                                          "--config", str(config)], port, run / "logs" / "gateway.log")

@@ -68,12 +68,15 @@ def gold_labels() -> dict[str, str]:
         return {row["text"]: row["category"] for row in csv.DictReader(stream)}
 
 
-def start_servers(run: Path, distill_run: Path, adapter: str, rank: int, cleanup: distill.Cleanup):
-    """vLLM, the simulator at its default latency, and a gateway routing PATH with the adapter."""
+def start_servers(run: Path, distill_run: Path, adapter: str, rank: int, cleanup: distill.Cleanup,
+                  local_settings: str = ""):
+    """vLLM, the simulator at its default latency, and a gateway routing PATH with the adapter (and
+    more ``[local]`` TOML lines)."""
     manifest = json.loads((distill_run / "data" / "adapters" / PATH / adapter / "manifest.json").read_text())
     vllm = distill.start_vllm(run, manifest["base"]["location"], rank, cleanup)
     shutil.copytree(distill_run / "data" / "adapters", run / "data" / "adapters")
-    sim, gateway = distill.start_sim_and_gateway(run, cleanup, latency=[], local_url=vllm.base_url)
+    sim, gateway = distill.start_sim_and_gateway(run, cleanup, latency=[], local_url=vllm.base_url,
+                                                 local_settings=local_settings)
     return vllm, sim, gateway
 
 

@@ -94,7 +94,8 @@ class Gateway:
         self._background: asyncio.Task | None = None
         self.routes = RouteTable(config, on_change=self._on_route_change)
         self.local = LocalBackend(config.local, self.metrics)
-        self.shadow_work = BackgroundWork(self.metrics)
+        self.shadow_work = BackgroundWork(self.metrics, max_pending=config.local.shadow_queue,
+                                          concurrency=config.local.shadow_concurrency)
         self.router = Router(self.routes, self.local, self.proxy, self.store, self.proxy.prices, self.metrics,
                              self.shadow_work)
         self.router.ask_upstream = self._ask_upstream
