@@ -1,12 +1,14 @@
 """What a route's ``shadow`` rows say, for the admin API (``arbitrage route show``): the threshold
-calibrated on its adapter's comparisons, and its most confident disagreements with their inputs.
+calibrated on its adapter's comparisons, and its most confident disagreements with their inputs; and
+the people's verdicts on them (``reviews`` rows, ``arbitrage route review``).
 
 The most confident disagreements are where a teacher's own mistakes and inputs that fit two answers
 show up first (bench/RESULTS-distill.md, "The teacher's own mistakes at the top of the confidence
-ranking"): an operator reads them before trusting, or distrusting, the calibrated threshold.
+ranking"): an operator reads them before trusting, or distrusting, the calibrated threshold, and
+records a verdict; one reviewed ``upstream_wrong`` then counts as agreed in the calibration.
 
-Both are reports for an operator, never part of a client's request: a store that cannot be read
-gives ``{"error": ...}``, not a failure.
+The calibration and the disagreements are reports for an operator, never part of a client's request:
+a store that cannot be read gives ``{"error": ...}``, not a failure.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ LATEST_REVIEWS = """(SELECT shadow_id, arg_max(verdict, ts) AS verdict FROM revi
 def calibration(data_dir: Path, path: str, adapter: str, policy) -> dict[str, Any]:
     """The lowest threshold whose agreement among the comparisons above it has a Wilson lower
     bound at the policy's target (with at least ``ramp.min_samples`` of them); None if none yet.
-    A comparison reviewed ``upstream_wrong`` counts as agreed (``reviewed`` says how many)."""
+    A comparison reviewed ``upstream_wrong`` counts as agreed (``reviewed_upstream_wrong``: how many
+    disagreements did)."""
     from router.calibration import calibrate
 
     try:
