@@ -237,20 +237,59 @@ def rollback(path, reason, url, admin_key, config_path) -> None:
 
 @route.command("review")
 @click.argument("path")
-@click.argument("comparison")
-@click.option("--verdict", required=True, type=click.Choice(VERDICTS),
+@click.argument("comparison", required=False)
+@click.option("--verdict", type=click.Choice(VERDICTS),
               help="upstream_wrong: the local answer was right (the calibration then counts the comparison as "
                    "agreed); local_wrong: the upstream answer was right; ambiguous: the input fits both.")
 @click.option("--note", help="Why (kept in the reviews table).")
+@click.option("--file", "verdicts_file", type=click.Path(exists=True, dir_okay=False),
+              help="Many verdicts instead of one: a CSV with columns comparison, verdict and (optional) note.")
 @gateway_options
 @friendly_errors
-def review(path, comparison, verdict, note, url, admin_key, config_path) -> None:
+def review(path, comparison, verdict, note, verdicts_file, url, admin_key, config_path) -> None:
     """Record your verdict on one of PATH's shadow or audit comparisons (COMPARISON: its id, from
-    arbitrage route show PATH --disagreements N); the latest verdict on a comparison counts."""
-    body = {"shadow_id": comparison, "verdict": verdict, **({"note": note} if note else {})}
-    entry = _client(url, admin_key, config_path).call("POST", path, "review", json=body)
-    click.echo(f"{path}: comparison {comparison} reviewed {verdict}; calibrated threshold now "
-               f"{_calibrated(entry.get('status') or {})}")
+    arbitrage route show PATH --disagreements N), or on each of a file's; the latest verdict on a
+    comparison counts."""
+    if verdicts_file:
+        if comparison or verdict or note:
+            raise click.UsageError("give COMPARISON, --verdict and --note, or --file, not both")
+        verdicts = read_verdicts(verdicts_file)
+    elif comparison and verdict:
+        verdicts = [{"shadow_id": comparison, "verdict": verdict, **({"note": note} if note else {})}]
+    else:
+        raise click.UsageError("give COMPARISON and --verdict (or --file with many)")
+    client, entry = _client(url, admin_key, config_path), {}
+    for done, body in enumerate(verdicts):
+        try:
+            entry = client.call("POST", path, "review", json=body)
+        except click.ClickException as exc:
+            if len(verdicts) > 1:
+                exc.message = f"{done} of {len(verdicts)} verdicts recorded; then {body['shadow_id']}: {exc.message}"
+            raise
+    what = f"comparison {comparison} reviewed {verdict}" if not verdicts_file else f"{len(verdicts)} verdicts recorded"
+    click.echo(f"{path}: {what}; calibrated threshold now {_calibrated(entry.get('status') or {})}")
+
+
+def read_verdicts(file: str) -> list[dict[str, str]]:
+    """A verdicts CSV as request bodies, every line checked before any is sent."""
+    import csv
+
+    with open(file, newline="", encoding="utf-8") as stream:
+        reader = csv.DictReader(stream)
+        missing = {"comparison", "verdict"} - set(reader.fieldnames or [])
+        if missing:
+            raise click.UsageError(f"{file}: no {' or '.join(sorted(missing))} column (columns: comparison, "
+                                   f"verdict, note)")
+        verdicts = []
+        for line, row in enumerate(reader, start=2):
+            if row["verdict"] not in VERDICTS or not row["comparison"]:
+                raise click.UsageError(f"{file} line {line}: a comparison id and a verdict of "
+                                       f"{', '.join(VERDICTS)} (got {row['comparison']!r}, {row['verdict']!r})")
+            verdicts.append({"shadow_id": row["comparison"], "verdict": row["verdict"],
+                             **({"note": row["note"]} if row.get("note") else {})})
+    if not verdicts:
+        raise click.UsageError(f"{file} has no verdicts")
+    return verdicts
 
 
 def _params(reason: str | None) -> dict[str, str]:

@@ -10,8 +10,8 @@ disagreements and recording a verdict on each.
 2. `GET /admin/routes/PATH?disagreements=TOP` (what `arbitrage route show PATH --disagreements TOP`
    shows): the threshold calibrated on the comparisons, and the TOP most confident disagreements.
 3. Each of those whose text a person has read in `bench/banking77_review.csv` gets that verdict through
-   `arbitrage route review` (teacher_wrong -> upstream_wrong, student_wrong -> local_wrong, ambiguous);
-   the rest stay unreviewed.
+   one `arbitrage route review --file` (teacher_wrong -> upstream_wrong, student_wrong -> local_wrong,
+   ambiguous); the rest stay unreviewed.
 4. The calibration again. Both times: the calibrated threshold (Wilson lower bound of agreement at the
    target, as the gateway computes it) and the plain at-target one (as `distill eval` reports it), with
    the share of comparisons each would serve locally.
@@ -99,20 +99,25 @@ def wait_for_comparisons(run: Path, settle_s: float = 10.0, timeout_s: float = 9
         time.sleep(1.0)
 
 
-def review(gateway, disagreements: list[dict], readings: dict[str, str]) -> dict:
-    """`arbitrage route review` for each disagreement whose text was read; counts by verdict."""
+def review(run: Path, gateway, disagreements: list[dict], readings: dict[str, str]) -> dict:
+    """One `arbitrage route review --file` with a verdict for each disagreement whose text was read;
+    counts by verdict."""
     counts = {"unread": 0, **{v: 0 for v in VERDICTS.values()}}
-    env = {**os.environ, "ARBITRAGE_ADMIN_KEY": "dev"}
-    for row in disagreements:
-        reading = readings.get(row["input"] or "")
-        if reading is None:
-            counts["unread"] += 1
-            continue
-        verdict = VERDICTS[reading]
-        subprocess.run([*routing.distill_cli(), "route", "review", PATH, row["shadow_id"], "--verdict", verdict,
-                        "--note", "bench/banking77_review.csv", "--url", gateway.url],
-                       check=True, capture_output=True, text=True, env=env, cwd=ROOT)
-        counts[verdict] += 1
+    verdicts = run / "verdicts.csv"
+    with open(verdicts, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["comparison", "verdict", "note"])
+        for row in disagreements:
+            reading = readings.get(row["input"] or "")
+            if reading is None:
+                counts["unread"] += 1
+                continue
+            writer.writerow([row["shadow_id"], VERDICTS[reading], "bench/banking77_review.csv"])
+            counts[VERDICTS[reading]] += 1
+    if sum(counts.values()) > counts["unread"]:
+        subprocess.run([*routing.distill_cli(), "route", "review", PATH, "--file", str(verdicts), "--url", gateway.url],
+                       check=True, capture_output=True, text=True, env={**os.environ, "ARBITRAGE_ADMIN_KEY": "dev"},
+                       cwd=ROOT)
     return counts
 
 
@@ -161,7 +166,7 @@ def main(argv: list[str]) -> int:
             {k: row[k] for k in ("shadow_id", "confidence", "upstream_answer", "local_answer", "input")}
             for row in shown["shown"]]}
         distill.progress(f"reviewing the {len(shown['shown'])} most confident of {shown['total']} disagreements")
-        results["reviewed"] = review(gateway, shown["shown"], readings)
+        results["reviewed"] = review(run, gateway, shown["shown"], readings)
         after = admin(gateway, "GET", PATH)
         results["after"] = operating_points(run, after["status"])
         results["metrics_dropped"] = [line for line in _metrics(gateway).splitlines()

@@ -194,6 +194,25 @@ def test_a_review_of_an_unknown_comparison_or_with_a_bad_verdict_is_refused(admi
                       json={"shadow_id": "s1", "verdict": "ambiguous"}).status_code == 403
 
 
+def test_review_takes_a_file_of_verdicts_checked_before_any_is_sent(admin, compared, tmp_path):
+    verdicts = tmp_path / "verdicts.csv"
+    verdicts.write_text("comparison,verdict,note\ns2,ambiguous,fits both\ns0,bogus,\n")
+    bad = route(admin, "review", "cli/disagree", "--file", str(verdicts))
+    assert bad.returncode == 2 and "line 3: a comparison id and a verdict of" in bad.stderr
+    verdicts.write_text("comparison,verdict,note\ns2,ambiguous,fits both\ns0,local_wrong,\n")
+    recorded = route(admin, "review", "cli/disagree", "--file", str(verdicts))
+    assert recorded.stdout.startswith("cli/disagree: 2 verdicts recorded; calibrated threshold now")
+    rows = json.loads(arbitrage("sql", "SELECT shadow_id, verdict, note FROM reviews WHERE shadow_id IN ('s0', 's2') "
+                                "ORDER BY shadow_id", "--json", "--data-dir", str(admin.data_dir)).stdout)
+    assert [(r["shadow_id"], r["verdict"], r["note"]) for r in rows] == [("s0", "local_wrong", None),
+                                                                        ("s2", "ambiguous", "fits both")]
+    verdicts.write_text("comparison,verdict\ns2,ambiguous\nnope,ambiguous\n")
+    line = failure(route(admin, "review", "cli/disagree", "--file", str(verdicts)))
+    assert line.startswith("Error: 1 of 2 verdicts recorded; then nope: path 'cli/disagree' has no comparison")
+    assert route(admin, "review", "cli/disagree", "s1", "--file", str(verdicts)).returncode == 2
+    assert route(admin, "review", "cli/disagree", "s1").returncode == 2, "a verdict is needed"
+
+
 def test_a_comparison_reviewed_upstream_wrong_counts_as_agreed_in_the_calibration(tmp_path):
     store = CaptureStore(tmp_path)
     store.open()
