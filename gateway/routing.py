@@ -327,6 +327,8 @@ class Router:
         self.metrics.agreement_floor.labels(label).set(policy.ramp.floor)
         for action in ("raise", "rollback"):  # present at 0, so the first decision shows in increase()
             self.metrics.ramp_decisions.labels(label, action)
+        for reason in ("queue_full", "error"):  # likewise the first comparison dropped
+            self.metrics.shadow_dropped.labels(label, reason)
 
     def status(self, path: str) -> dict:
         """Live facts about a path's route for the admin API."""

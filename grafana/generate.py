@@ -164,9 +164,13 @@ def routing() -> db.Dashboard:
             query("max by (path) (arbitrage_agreement_target)", "{{path}} target"),
             query("max by (path) (arbitrage_agreement_floor)", "{{path}} floor"), local=True))
         .with_panel(series(
-            "Shadow and audit comparisons", "Comparisons per second by kind and outcome.", "ops",
+            "Shadow and audit comparisons", "Comparisons per second by kind and outcome, and the work dropped: "
+            "queue_full when more arrive than [local] shadow_concurrency and shadow_queue allow, error when a "
+            "comparison failed.", "ops",
             query(f"sum by (kind, agreed) (rate(arbitrage_shadow_comparisons_total[{RATE}]))",
-                  "{{kind}} agreed={{agreed}}"), local=True))
+                  "{{kind}} agreed={{agreed}}"),
+            query(f"sum by (reason) (rate(arbitrage_shadow_dropped_total[{RATE}]))", "dropped: {{reason}}"),
+            local=True))
         .with_panel(_common(
             heatmap.Panel(), "Confidence distribution", "Confidence of local answers (arbitrage_local_confidence).",
             "none", 12, 8, True,
