@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request, get, post, put
@@ -43,6 +43,7 @@ from gateway.shadow_report import MAX_DISAGREEMENTS, Verdict
 from router.policy import ComparatorSpec, RoutePolicy
 
 ACTOR = "admin"
+T = TypeVar("T")
 ACTIONS = ("promote", "rollback", "review")
 _AT_FIELD = re.compile(r"at `\$\.([^`]+)`")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
@@ -103,11 +104,13 @@ async def route_action(request: Request, path: FromPath[str]) -> dict[str, Any]:
                             f"/admin/routes/PATH/rollback or /admin/routes/PATH/review", code="unknown_url")
     path = _route_path(path)
     if action == "review":
-        recorded = await review(gateway, path, _review_request(await request.body()), request)
+        verdict = _action_request(await request.body(), action, ReviewRequest)
+        recorded = await review(gateway, path, verdict, request)
         return {"path": path, "review": recorded, **await _entry(gateway, path)}
     with _as_bad_request():
         if action == "promote":
-            promote(gateway.routes, path, _promote_request(await request.body()), _reason(request, "promote"))
+            body = _action_request(await request.body(), action, PromoteRequest)
+            promote(gateway.routes, path, body, _reason(request, action))
         else:
             _rollback(gateway.routes, path, _reason(request, "rollback"))
     return {"path": path, **await _entry(gateway, path)}
@@ -263,20 +266,12 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return fields
 
 
-def _review_request(body: bytes) -> ReviewRequest:
+def _action_request(body: bytes, action: str, request_type: type[T]) -> T:
+    """The body of ``POST /admin/routes/PATH/<action>``; a bad one is a 400 naming the field."""
     try:
-        return msgspec.json.decode(body or b"{}", type=ReviewRequest)
+        return msgspec.json.decode(body or b"{}", type=request_type)
     except msgspec.ValidationError as exc:
-        raise InvalidRequestError(f"review: {exc}", param=_param(str(exc)), code="invalid_request") from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-
-
-def _promote_request(body: bytes) -> PromoteRequest:
-    try:
-        return msgspec.json.decode(body or b"{}", type=PromoteRequest)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequestError(f"promote: {exc}", param=_param(str(exc)), code="invalid_request") from None
+        raise InvalidRequestError(f"{action}: {exc}", param=_param(str(exc)), code="invalid_request") from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
 
