@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import shlex
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,20 +132,14 @@ def parse(argv: list[str]):
 def main(argv: list[str]) -> int:
     args = parse(argv)
     distill_run = args.run.resolve()
-    source = json.loads((distill_run / "results.json").read_text())
-    run = WORK / "review" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (run / "logs").mkdir(parents=True, exist_ok=True)
+    source, run, header = routing.new_run("review", "review_banking77.py", argv, distill_run)
     with open(REVIEW, newline="") as stream:
         readings = {row["text"]: row["reading"] for row in csv.DictReader(stream)}
     texts = list(routing.gold_labels())[:args.texts]
-    results = {"command": shlex.join([".venv/bin/python", "bench/review_banking77.py", *argv]),
-               "distill_run": str(distill_run), "adapter": source["train"]["adapter"],
-               "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": distill.machine(),
-               "texts": len(texts), "top": args.top, "shadow_concurrency": args.shadow_concurrency}
+    results = {**header, "texts": len(texts), "top": args.top, "shadow_concurrency": args.shadow_concurrency}
     cleanup = distill.Cleanup()
     try:
-        _, _, gateway = routing.start_servers(run, distill_run, source["train"]["adapter"],
-                                              source.get("config", {}).get("rank", 16), cleanup,
+        _, _, gateway = routing.start_servers(run, distill_run, source, cleanup,
                                               local_settings=f"shadow_concurrency = {args.shadow_concurrency}\n")
         ramp = {"enabled": False, "target": TARGET, "floor": 0.9, "min_samples": 200, "window": 5000}
         routing.set_policy(run, gateway, {"mode": "shadow", "share": 0.0, "adapter": source["train"]["adapter"],
@@ -176,11 +167,8 @@ def main(argv: list[str]) -> int:
         return 130
     finally:
         cleanup.run()
-        (run / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    text = report(results)
-    (run / "results.md").write_text(text + "\n")
-    print(text)
-    distill.progress(f"results in {run}")
+        routing.write_results(run, results)
+    routing.publish(run, report(results))
     return 0
 
 

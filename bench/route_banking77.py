@@ -68,10 +68,33 @@ def gold_labels() -> dict[str, str]:
         return {row["text"]: row["category"] for row in csv.DictReader(stream)}
 
 
-def start_servers(run: Path, distill_run: Path, adapter: str, rank: int, cleanup: distill.Cleanup,
-                  local_settings: str = ""):
-    """vLLM, the simulator at its default latency, and a gateway routing PATH with the adapter (and
-    more ``[local]`` TOML lines)."""
+def new_run(kind: str, script: str, argv: list[str], distill_run: Path) -> tuple[dict, Path, dict]:
+    """The distillation run's results, a fresh ``bench/.work/<kind>/<UTC time>/`` (with ``logs``), and
+    the facts every results.json of such a run starts with."""
+    source = json.loads((distill_run / "results.json").read_text())
+    run = WORK / kind / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    (run / "logs").mkdir(parents=True, exist_ok=True)
+    header = {"command": shlex.join([".venv/bin/python", f"bench/{script}", *argv]), "distill_run": str(distill_run),
+              "adapter": source["train"]["adapter"], "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": distill.machine()}
+    return source, run, header
+
+
+def write_results(run: Path, results: dict) -> None:
+    (run / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
+def publish(run: Path, text: str) -> None:
+    """The report as results.md and on stdout."""
+    (run / "results.md").write_text(text + "\n")
+    print(text)
+    distill.progress(f"results in {run}")
+
+
+def start_servers(run: Path, distill_run: Path, source: dict, cleanup: distill.Cleanup, local_settings: str = ""):
+    """vLLM, the simulator at its default latency, and a gateway routing PATH with the distillation
+    run's adapter (``source``: its results; and more ``[local]`` TOML lines)."""
+    adapter, rank = source["train"]["adapter"], source.get("config", {}).get("rank", 16)
     manifest = json.loads((distill_run / "data" / "adapters" / PATH / adapter / "manifest.json").read_text())
     vllm = distill.start_vllm(run, manifest["base"]["location"], rank, cleanup)
     shutil.copytree(distill_run / "data" / "adapters", run / "data" / "adapters")
@@ -182,22 +205,16 @@ def parse(argv: list[str]):
 def main(argv: list[str]) -> int:
     args = parse(argv)
     distill_run = args.run.resolve()
-    source = json.loads((distill_run / "results.json").read_text())
-    run = WORK / "route" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (run / "logs").mkdir(parents=True, exist_ok=True)
+    source, run, header = new_run("route", "route_banking77.py", argv, distill_run)
     signals = source["eval"]["signals"]
     signal = args.confidence or max(signals, key=lambda s: (signals[s]["at_target"] or {}).get("coverage", 0))
     operating = signals[signal]["at_target"]
-    results = {"command": shlex.join([".venv/bin/python", "bench/route_banking77.py", *argv]),
-               "distill_run": str(distill_run), "adapter": source["train"]["adapter"],
-               "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": distill.machine(),
-               "curve": curve_table(Path(source["eval"]["folder"]) / "predictions.parquet"),
+    results = {**header, "curve": curve_table(Path(source["eval"]["folder"]) / "predictions.parquet"),
                "eval_examples": source["eval"]["examples"], "signal": signal, "eval_operating_point": operating}
     texts, gold = list(gold_labels()), gold_labels()
     cleanup = distill.Cleanup()
     try:
-        vllm, sim, gateway = start_servers(run, distill_run, source["train"]["adapter"], source.get("config", {}).get("rank", 16),
-                                           cleanup)
+        _, _, gateway = start_servers(run, distill_run, source, cleanup)
         n, policy = args.requests + 3, {"adapter": source["train"]["adapter"], "output": "json", "confidence": signal,
                                         "audit_rate": 0.0, "shadow_rate": 0.0, "ramp": {"enabled": False}}
         distill.progress(f"latency: upstream (sim default latency), {args.requests} requests")
@@ -219,13 +236,10 @@ def main(argv: list[str]) -> int:
         return 130
     finally:
         cleanup.run()
-        (run / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_results(run, results)
     results["dollars"] = money(results)
-    (run / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    text = report(results)
-    (run / "results.md").write_text(text + "\n")
-    print(text)
-    distill.progress(f"results in {run}")
+    write_results(run, results)
+    publish(run, report(results))
     return 0
 
 
