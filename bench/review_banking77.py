@@ -49,25 +49,18 @@ def admin(gateway, method: str, route: str, **kwargs) -> dict:
     return reply.json()
 
 
-def comparisons(run: Path) -> list[tuple[float, bool]]:
+def comparisons(run: Path, adapter: str) -> list[tuple[float, bool]]:
     """(confidence, agreed) of every comparison, with the reviews applied as the calibration applies them."""
-    from arbitrage.capture.store import connect
+    from gateway.shadow_report import reviewed_comparisons
 
-    con = connect(run / "data")
-    rows = con.execute(f"""
-        SELECT s.confidence, s.agreed OR coalesce(r.verdict = 'upstream_wrong', false)
-        FROM shadow s LEFT JOIN (SELECT shadow_id, arg_max(verdict, ts) AS verdict FROM reviews GROUP BY shadow_id) r
-            USING (shadow_id)
-        WHERE s.path = '{PATH}' AND s.agreed IS NOT NULL AND s.confidence IS NOT NULL""").fetchall()
-    con.close()
-    return rows
+    return [(c, agreed or overruled) for c, agreed, overruled in reviewed_comparisons(run / "data", PATH, adapter)]
 
 
-def operating_points(run: Path, status: dict) -> dict:
+def operating_points(run: Path, adapter: str, status: dict) -> dict:
     """Coverage and agreement at the gateway's calibrated threshold and at the plain at-target one."""
     from router import calibration
 
-    points = comparisons(run)
+    points = comparisons(run, adapter)
     n = len(points)
     calibrated = status["calibration"]["threshold"]
     served = [agreed for confidence, agreed in points if calibrated is not None and confidence >= calibrated]
@@ -151,7 +144,8 @@ def main(argv: list[str]) -> int:
         wait_for_comparisons(run)
         results["send_seconds"] = round(time.monotonic() - started, 1)
         before = admin(gateway, "GET", PATH, params={"disagreements": args.top})
-        results["before"] = operating_points(run, before["status"])
+        served_name = f"{PATH}/{source['train']['adapter']}"
+        results["before"] = operating_points(run, served_name, before["status"])
         shown = before["status"]["disagreements"]
         results["disagreements"] = {"total": shown["total"], "top": [
             {k: row[k] for k in ("shadow_id", "confidence", "upstream_answer", "local_answer", "input")}
@@ -159,7 +153,7 @@ def main(argv: list[str]) -> int:
         distill.progress(f"reviewing the {len(shown['shown'])} most confident of {shown['total']} disagreements")
         results["reviewed"] = review(run, gateway, shown["shown"], readings)
         after = admin(gateway, "GET", PATH)
-        results["after"] = operating_points(run, after["status"])
+        results["after"] = operating_points(run, served_name, after["status"])
         results["metrics_dropped"] = [line for line in _metrics(gateway).splitlines()
                                       if line.startswith("arbitrage_shadow_dropped_total")]
     except KeyboardInterrupt:

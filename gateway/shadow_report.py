@@ -39,11 +39,7 @@ def calibration(data_dir: Path, path: str, adapter: str, policy) -> dict[str, An
     from router.calibration import calibrate
 
     try:
-        rows = _query(data_dir, f"""
-            SELECT s.confidence, s.agreed, coalesce(r.verdict = 'upstream_wrong', false) AS overruled
-            FROM shadow s LEFT JOIN {LATEST_REVIEWS} r USING (shadow_id)
-            WHERE s.path = ? AND s.adapter = ? AND s.agreed IS NOT NULL AND s.confidence IS NOT NULL""",
-                      [path, path, adapter])
+        rows = reviewed_comparisons(data_dir, path, adapter)
     except Exception as exc:  # noqa: BLE001 - a report for an operator, never a failed request
         return {"error": str(exc)}
     points = [(confidence, agreed or overruled) for confidence, agreed, overruled in rows]
@@ -51,6 +47,15 @@ def calibration(data_dir: Path, path: str, adapter: str, policy) -> dict[str, An
     threshold = calibrate(points, ramp.target, z=ramp.z, min_samples=ramp.min_samples)
     return {"samples": len(points), "target": ramp.target, "threshold": threshold,
             "reviewed_upstream_wrong": sum(not agreed and overruled for _, agreed, overruled in rows)}
+
+
+def reviewed_comparisons(data_dir: Path, path: str, adapter: str) -> list[tuple[float, bool, bool]]:
+    """(confidence, agreed, reviewed upstream_wrong) of every judged comparison of ``adapter``."""
+    return _query(data_dir, f"""
+        SELECT s.confidence, s.agreed, coalesce(r.verdict = 'upstream_wrong', false) AS overruled
+        FROM shadow s LEFT JOIN {LATEST_REVIEWS} r USING (shadow_id)
+        WHERE s.path = ? AND s.adapter = ? AND s.agreed IS NOT NULL AND s.confidence IS NOT NULL""",
+                  [path, path, adapter])
 
 
 def disagreements(data_dir: Path, path: str, adapter: str, limit: int) -> dict[str, Any]:
