@@ -21,7 +21,8 @@ from arbitrage.config import load_config
 from gateway.shadow_report import MAX_DISAGREEMENTS, VERDICTS
 
 ADMIN_KEY_ENV = "ARBITRAGE_ADMIN_KEY"
-HEADER = ["path", "mode", "share", "threshold", "adapter", "comparator", "history", "calibrated (shadow data)"]
+HEADER = ["path", "mode", "share", "threshold", "adapter", "comparator", "history", "ramp evidence",
+          "calibrated (shadow data)"]
 
 
 def gateway_options(command):
@@ -161,7 +162,19 @@ def _text(table) -> str:
 def _row(path: str, entry: dict[str, Any]) -> list[str]:
     p = entry["policy"]
     return [path, p["mode"], f"{p['share']:g}%", f"{p['threshold']:g}", p["adapter"] or "-",
-            p["comparator"]["name"], str(entry.get("history", 0)), _calibrated(entry.get("status") or {})]
+            p["comparator"]["name"], str(entry.get("history", 0)), _ramp_evidence(p, entry.get("status") or {}),
+            _calibrated(entry.get("status") or {})]
+
+
+def _ramp_evidence(policy: dict[str, Any], status: dict[str, Any]) -> str:
+    """What the ramp decides on: agreed of compared under the policy in force, and the Wilson
+    lower bound it holds against the target."""
+    if not policy["ramp"]["enabled"]:
+        return "ramp off"
+    evidence = status.get("evidence")
+    if not evidence:
+        return "none yet"
+    return f"{evidence['agreed']}/{evidence['n']}, lower {evidence['lower']:.3f}"
 
 
 def _calibrated(status: dict[str, Any]) -> str:

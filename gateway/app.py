@@ -22,6 +22,7 @@ from gateway.completions.routes import completions
 from gateway.embeddings.routes import embeddings
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.limits import SHARED_LIMITS_ENV, shared_limits_in
+from gateway.ramp_evidence import SHARED_RAMP_ENV, shared_evidence_in
 from gateway.metrics import multiprocess_metrics_folder
 from gateway.models.routes import list_models, retrieve_model
 from gateway.openapi import openapi_config
@@ -94,10 +95,12 @@ def serve(config: Config) -> None:
     os.environ[CONFIG_ENV] = msgspec.json.encode(config).decode()
     with multiprocess_metrics_folder() as folder:
         shared_limits_in(Path(folder), config.data_dir)  # one rpm and one budget per key for all workers
+        shared_evidence_in(Path(folder))  # one ramp per path for all workers
         try:
             uvicorn.run(f"{__name__}:worker_app", factory=True, workers=config.gateway.workers, **options)
         finally:
             os.environ.pop(SHARED_LIMITS_ENV, None)
+            os.environ.pop(SHARED_RAMP_ENV, None)
 
 
 def configure_logging(level: str) -> None:

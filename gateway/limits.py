@@ -24,15 +24,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sqlite3
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from arbitrage.capture.migrations import SCHEMA_FILE
 from arbitrage.errors import BudgetExceededError, RateLimitError, StoreError
 from arbitrage.keys import KeyEntry
+from gateway.shared_sqlite import SharedSQLite
 
 log = logging.getLogger(__name__)
 
@@ -129,82 +128,59 @@ class LocalLimits:
 
 
 class SharedLimits:
-    """The buckets and spend of every worker of one gateway, in one SQLite file.
+    """The buckets and spend of every worker of one gateway, in one SQLite file
+    (``SharedSQLite``: each token taken is one short write transaction).
 
-    Each token taken is one short write transaction (``BEGIN IMMEDIATE``: workers take turns);
-    the file is temporary, so it is written without fsync. Spend is kept per key and period
-    ("2026-12-07", "2026-12"), so a new day or month starts from nothing by itself.
+    Spend is kept per key and period ("2026-12-07", "2026-12"), so a new day or month starts from
+    nothing by itself.
     """
 
     FILE = "limits.sqlite"
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        with self._errors():
-            self.db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode = WAL")
-            self.db.execute("PRAGMA synchronous = OFF")
-        with self._transaction():
-            self.db.execute("CREATE TABLE IF NOT EXISTS buckets "
-                            "(key_id TEXT PRIMARY KEY, per_minute INTEGER, tokens REAL, stamp REAL)")
-            self.db.execute("CREATE TABLE IF NOT EXISTS spend (key_id TEXT, period TEXT, usd REAL, "
-                            "PRIMARY KEY (key_id, period))")
+        self.file = SharedSQLite(path, "the workers' shared limits")
+        with self.file.transaction() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS buckets "
+                       "(key_id TEXT PRIMARY KEY, per_minute INTEGER, tokens REAL, stamp REAL)")
+            db.execute("CREATE TABLE IF NOT EXISTS spend (key_id TEXT, period TEXT, usd REAL, "
+                       "PRIMARY KEY (key_id, period))")
 
     def take(self, key_id: str, per_minute: int, now: float) -> float:
         """As ``LocalLimits.take``, for every worker at once (``now`` is ``time.monotonic()``,
         one clock for all processes of the machine)."""
-        with self._transaction():
-            row = self.db.execute("SELECT per_minute, tokens, stamp FROM buckets WHERE key_id = ?",
-                                  (key_id,)).fetchone()
+        with self.file.transaction() as db:
+            row = db.execute("SELECT per_minute, tokens, stamp FROM buckets WHERE key_id = ?", (key_id,)).fetchone()
             bucket = (TokenBucket(per_minute, row[2], row[1]) if row and row[0] == per_minute
                       else TokenBucket(per_minute, now))
             wait = bucket.take(now)
-            self.db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?)", (key_id, per_minute, *bucket.state))
+            db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?)", (key_id, per_minute, *bucket.state))
         return wait
 
     def add(self, key_id: str, cost_usd: float) -> None:
         day, month = _periods(datetime.now(UTC))
-        with self._transaction():
-            self.db.executemany("INSERT INTO spend VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET usd = usd + excluded.usd",
-                                [(key_id, day, cost_usd), (key_id, month, cost_usd)])
+        with self.file.transaction() as db:
+            db.executemany("INSERT INTO spend VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET usd = usd + excluded.usd",
+                           [(key_id, day, cost_usd), (key_id, month, cost_usd)])
 
     def spent(self, key_id: str) -> tuple[float, float]:
         day, month = _periods(datetime.now(UTC))
-        with self._errors():
-            found = dict(self.db.execute("SELECT period, usd FROM spend WHERE key_id = ? AND period IN (?, ?)",
-                                         (key_id, day, month)).fetchall())
+        with self.file.reading() as db:
+            found = dict(db.execute("SELECT period, usd FROM spend WHERE key_id = ? AND period IN (?, ?)",
+                                    (key_id, day, month)).fetchall())
         return found.get(day, 0.0), found.get(month, 0.0)
 
     def load(self, day: dict[str, float], month: dict[str, float], now: datetime) -> None:
         """Replace the spend with totals summed elsewhere (the capture store) for ``now``'s periods."""
         periods = _periods(now)
-        with self._transaction():
-            self.db.execute("DELETE FROM spend")
-            self.db.executemany("INSERT INTO spend VALUES (?, ?, ?)",
-                                [(k, periods[0], usd) for k, usd in day.items()]
-                                + [(k, periods[1], usd) for k, usd in month.items()])
+        with self.file.transaction() as db:
+            db.execute("DELETE FROM spend")
+            db.executemany("INSERT INTO spend VALUES (?, ?, ?)",
+                           [(k, periods[0], usd) for k, usd in day.items()]
+                           + [(k, periods[1], usd) for k, usd in month.items()])
 
     def close(self) -> None:
-        self.db.close()
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """One write transaction; an SQLite failure becomes a StoreError naming the file."""
-        with self._errors():
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise StoreError(f"the workers' shared limits ({self.path}) failed: {exc}") from exc
+        self.file.close()
 
 
 def shared_limits_in(folder: Path, data_dir: Path) -> Path:

@@ -3,7 +3,7 @@ overridden path by path by the edits kept in ``<data_dir>/routes.json``.
 
 ``routes.json`` survives restarts and is shared by every gateway worker and the CLI::
 
-    {"routes": {"support/intents": {"policy": {...},
+    {"routes": {"support/intents": {"policy": {...}, "revision": "<id of the change that set it>",
                                     "history": [{"policy": {...}, "ts": "...", "actor": "admin",
                                                  "action": "update", "reason": "..."}, ...]}}}
 
@@ -90,6 +90,8 @@ class _Stored:
 
     policy: RoutePolicy
     history: list[dict[str, Any]]
+    revision: str
+    """The id of the change that put ``policy`` in force ("" in a file written before revisions)."""
 
 
 class RouteTable:
@@ -118,6 +120,14 @@ class RouteTable:
         """Every path with a policy, sorted by path."""
         merged = {**self._configured, **{path: s.policy for path, s in self._stored.items()}}
         return dict(sorted(merged.items()))
+
+    def revision(self, path: str) -> str:
+        """Names the policy in force for ``path`` as of its latest change: the id of that change,
+        "config" for the config's policy, "" for none. The ramp's evidence counts per revision."""
+        stored = self._stored.get(path)
+        if stored:
+            return stored.revision
+        return "config" if path in self._configured else ""
 
     def history(self, path: str) -> list[dict[str, Any]]:
         """The earlier policies of ``path``, oldest first: ``{"policy", "ts", "actor", "action", "reason"}``."""
@@ -151,10 +161,14 @@ class RouteTable:
     # Changing
 
     def set(self, path: str, policy: RoutePolicy, *, actor: str, reason: str,
-            evidence: dict[str, Any] | None = None, action: str = "set") -> RoutePolicy:
-        """Put ``policy`` in force for ``path`` (the one before goes to its history); returns it."""
+            evidence: dict[str, Any] | None = None, action: str = "set",
+            revision: str | None = None) -> RoutePolicy | None:
+        """Put ``policy`` in force for ``path`` (the one before goes to its history); returns it.
+        With ``revision``, only while the path's policy is still that revision: None, and nothing
+        written, when another worker or an operator changed it first."""
         policy = route_policy(path, policy.to_dict())
-        return self._change(path, lambda _: policy, actor=actor, action=action, reason=reason, evidence=evidence)
+        return self._change(path, lambda _: policy, actor=actor, action=action, reason=reason, evidence=evidence,
+                            revision=revision)
 
     def update(self, path: str, fields: dict[str, Any], *, actor: str, reason: str,
                action: str = "update") -> RoutePolicy:
@@ -186,12 +200,17 @@ class RouteTable:
         return self._change(path, previous, actor=actor, action="rollback", reason=reason, restores=True)
 
     def _change(self, path: str, change: Callable[[RoutePolicy | None], RoutePolicy], *, actor: str, action: str,
-                reason: str, evidence: dict[str, Any] | None = None, restores: bool = False) -> RoutePolicy:
+                reason: str, evidence: dict[str, Any] | None = None, restores: bool = False,
+                revision: str | None = None) -> RoutePolicy | None:
         """Apply ``change`` to the freshly read policy under the file lock, write, then report it.
         ``restores``: ``change`` returned the newest history entry, which is dropped instead of
-        the current policy being added."""
+        the current policy being added. ``revision``: change nothing (None) unless the path's
+        policy is still that revision."""
+        change_id = uuid.uuid4().hex
         with self._locked():
             self._stored, self._stamp = self._read()
+            if revision is not None and self.revision(path) != revision:
+                return None
             before = self.get(path)
             after = change(before)
             history = self.history(path)
@@ -201,9 +220,9 @@ class RouteTable:
                 entry = {"policy": before.to_dict(), "ts": datetime.now(UTC).isoformat(), "actor": actor,
                          "action": action, "reason": reason}
                 history = (history + [entry])[-HISTORY_LIMIT:]
-            self._stored = {**self._stored, path: _Stored(after, history)}
+            self._stored = {**self._stored, path: _Stored(after, history, change_id)}
             self._write()
-        record = RouteChange(path, actor, action, before, after, reason, evidence)
+        record = RouteChange(path, actor, action, before, after, reason, evidence, change_id=change_id)
         log.info("route %s: %s by %s (%s): mode %s -> %s, share %s -> %s", path, action, actor, reason,
                  record.mode_before, after.mode, record.share_before, after.share)
         if self.on_change:
@@ -232,7 +251,8 @@ class RouteTable:
             return {}, None
         try:
             raw = json.loads(self.file.read_bytes())["routes"]
-            stored = {path: _Stored(route_policy(path, entry["policy"]), list(entry.get("history", [])))
+            stored = {path: _Stored(route_policy(path, entry["policy"]), list(entry.get("history", [])),
+                                    str(entry.get("revision", "")))
                       for path, entry in raw.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
             raise ConfigError(f"{self.file} is unreadable ({exc}); fix or remove it (then the config's "
@@ -240,7 +260,7 @@ class RouteTable:
         return stored, stamp
 
     def _write(self) -> None:
-        body = {"routes": {path: {"policy": s.policy.to_dict(), "history": s.history}
+        body = {"routes": {path: {"policy": s.policy.to_dict(), "revision": s.revision, "history": s.history}
                            for path, s in sorted(self._stored.items())}}
         temp = self.file.with_name(f".{ROUTES_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(temp, "wb") as f:

@@ -38,12 +38,14 @@ from arbitrage.pricing import PriceBook
 from gateway.local import BackgroundWork, LocalBackend, LocalError
 from gateway.metrics import Metrics
 from gateway.proxy import REQUEST_ID_HEADER, Call, Outcome, Proxy
+from gateway.ramp_evidence import Counts, LocalEvidence, SharedEvidence
 from gateway.upstream import TRANSPORT_ERRORS, Upstream
 from router.comparators import Comparison, make_comparator
 from router.confidence import choice_logprobs, score
 from router.decision import Decision, RequestFacts, decide
 from router.policy import RoutePolicy
-from router.ramp import RampController
+from router.ramp import next_share
+from router.stats import wilson
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class Router:
     """The local route, shadow and audit work, and the ramp for every chat path with a policy."""
 
     def __init__(self, table, backend: LocalBackend, proxy: Proxy, store: CaptureStore, prices: PriceBook,
-                 metrics: Metrics, background: BackgroundWork) -> None:
+                 metrics: Metrics, background: BackgroundWork, evidence: LocalEvidence | SharedEvidence) -> None:
         self.table = table
         self.backend = backend
         self.proxy = proxy
@@ -77,7 +79,7 @@ class Router:
         self.prices = prices
         self.metrics = metrics
         self.background = background
-        self._ramps: dict[str, RampController] = {}
+        self.evidence = evidence
         self._costs: dict[tuple[str, str], deque[float]] = {}
         self._prompts: dict[str, dict | None] = {}
         self._checks: dict[str, tuple[RoutePolicy, Any]] = {}
@@ -289,33 +291,39 @@ class Router:
 
     def _ramp_evidence(self, path: str, policy: RoutePolicy, agreed: bool) -> None:
         current = self.table.get(path)
-        if current is None or current.adapter != policy.adapter:
-            return  # the policy moved on while this comparison ran
-        controller = self._ramps.get(path)
-        if controller is None:
-            controller = self._ramps[path] = RampController(current)
-        elif controller.policy is not current:
-            controller.set_policy(current)
-            controller.policy = current
-        controller.record(agreed)
-        self._agreement_metrics(path, controller)
-        decision = controller.step()
+        if current != policy:
+            return  # the policy changed while this comparison ran: it is no evidence for the new one
+        revision = self.table.revision(path)
+        try:
+            counts = self.evidence.add(path, revision, agreed, current.ramp.window)
+        except StoreError as exc:
+            log.error("ramp evidence of %s not counted: %s", path, exc)
+            return
+        self._agreement_metrics(path, current, counts)
+        decision = next_share(current, counts)
         if decision.action == "hold":
             return
-        label = self.metrics.path_label(path)
-        self.metrics.ramp_decisions.labels(label, decision.action).inc()
+        after = self.table.set(path, decision.apply(current), actor="ramp", action=decision.action,
+                               reason=decision.reason, evidence=decision.evidence, revision=revision)
+        if after is None:
+            return  # another worker's ramp or an operator changed the policy first
+        self.metrics.ramp_decisions.labels(self.metrics.path_label(path), decision.action).inc()
         log.warning("ramp %s: %s share %.0f%% -> %.0f%% (%s)", path, decision.action, decision.share_before,
                     decision.share_after, decision.reason)
-        controller.policy = self.table.set(path, controller.policy, actor="ramp", action=decision.action,
-                                           reason=decision.reason,
-                                           evidence=decision.evidence)
-        self.publish_policy(path, controller.policy)
+        self.publish_policy(path, after)
 
-    def _agreement_metrics(self, path: str, controller: RampController) -> None:
-        label, window = self.metrics.path_label(path), controller.window
-        if window.n:
-            self.metrics.agreement.labels(label).set(window.rate)
-            self.metrics.agreement_lower.labels(label).set(window.bounds(controller.policy.ramp.z)[0])
+    def forget_evidence(self, path: str, revision: str) -> None:
+        """Drop the ramp evidence ``path`` gathered under its policies before ``revision``."""
+        try:
+            self.evidence.forget(path, revision)
+        except StoreError as exc:
+            log.error("old ramp evidence of %s not dropped: %s", path, exc)
+
+    def _agreement_metrics(self, path: str, policy: RoutePolicy, counts: Counts) -> None:
+        label = self.metrics.path_label(path)
+        if counts.n:
+            self.metrics.agreement.labels(label).set(counts.agreed / counts.n)
+            self.metrics.agreement_lower.labels(label).set(wilson(counts.agreed, counts.n, policy.ramp.z)[0])
 
     def publish_policy(self, path: str, policy: RoutePolicy) -> None:
         """The policy's gauges: share, mode, target and floor."""
@@ -333,13 +341,18 @@ class Router:
     def status(self, path: str) -> dict:
         """Live facts about a path's route for the admin API."""
         policy = self.table.get(path)
-        controller = self._ramps.get(path)
         facts = {"local_healthy": self.backend.healthy,
                  "adapter_loaded": bool(policy and policy.adapter and self.backend.ready(self.served_name(path, policy)))}
-        if controller is not None and controller.window.n:
-            low, high = controller.window.bounds(controller.policy.ramp.z)
-            facts["evidence"] = {"n": controller.window.n, "agreed": controller.window.agreed,
-                                 "rate": controller.window.rate, "lower": low, "upper": high}
+        if policy is None:
+            return facts
+        try:
+            n, agreed = self.evidence.counts(path, self.table.revision(path), policy.ramp.window)
+        except StoreError as exc:
+            facts["evidence_error"] = str(exc)
+            return facts
+        if n:
+            low, high = wilson(agreed, n, policy.ramp.z)
+            facts["evidence"] = {"n": n, "agreed": agreed, "rate": agreed / n, "lower": low, "upper": high}
         return facts
 
 

@@ -34,6 +34,7 @@ from arbitrage.pricing import PriceBook
 from gateway import shadow_report
 from gateway.auth import Authenticator
 from gateway.limits import SHARED_LIMITS_ENV, Quotas
+from gateway.ramp_evidence import ramp_evidence
 from gateway.local import BackgroundWork, LocalBackend
 from gateway.metrics import Metrics
 from gateway.paths import METADATA_KEY, PATH_HEADER, derived_path, explicit_path
@@ -97,7 +98,7 @@ class Gateway:
         self.shadow_work = BackgroundWork(self.metrics, max_pending=config.local.shadow_queue,
                                           concurrency=config.local.shadow_concurrency)
         self.router = Router(self.routes, self.local, self.proxy, self.store, self.proxy.prices, self.metrics,
-                             self.shadow_work)
+                             self.shadow_work, ramp_evidence())
         self.router.ask_upstream = self._ask_upstream
         self._route_loop: asyncio.Task | None = None
 
@@ -119,6 +120,7 @@ class Gateway:
         finally:
             self._route_loop.cancel()
             await self.shadow_work.drain()
+            self.router.evidence.close()
             self._background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._background
@@ -160,6 +162,7 @@ class Gateway:
                 self.metrics.distill_cost.labels(self.metrics.path_label(path)).set(costs[path])
 
     def _on_route_change(self, change) -> None:
+        self.router.forget_evidence(change.path, change.change_id)
         try:
             self.store.append("route_changes", change.to_record())
         except StoreError as exc:

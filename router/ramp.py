@@ -1,7 +1,7 @@
 """Ramp controller: raise a path's local share step by step on evidence, roll it back on bad news.
 
-Pure: given the policy and the agreement evidence gathered since the last share change, say
-what to do. ``raise`` when the Wilson lower bound of agreement is >= ``ramp.target`` with at
+Pure: given the policy and the agreement evidence gathered under it (``gateway.ramp_evidence``
+keeps it per policy revision, for every worker), say what to do. ``raise`` when the Wilson lower bound of agreement is >= ``ramp.target`` with at
 least ``ramp.min_samples`` comparisons; ``rollback`` (to shadow mode, share 0) when the upper
 bound is < ``ramp.floor``, however few the comparisons (a low upper bound is already strong
 evidence); otherwise ``hold``. Shadow -> canary on the first step, canary -> local at 100.
@@ -13,13 +13,13 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from router.comparators import Comparison
 from router.policy import Mode, RoutePolicy
-from router.stats import AgreementWindow, wilson
+from router.stats import wilson
 
 
 class Evidence(Protocol):
-    """Agreement counts since the last share change (an ``AgreementWindow`` is one)."""
+    """Agreement counts under the policy in force (an ``AgreementWindow`` is one; the gateway
+    keeps them per policy revision, ``gateway.ramp_evidence``)."""
 
     @property
     def n(self) -> int: ...
@@ -105,39 +105,3 @@ def _decide(
         reason=reason,
         evidence=facts,
     )
-
-
-class RampController:
-    """One path's ramp: collects agreement outcomes, decides, and forgets the evidence after
-    every change so the next decision rests only on comparisons made at the new share."""
-
-    def __init__(self, policy: RoutePolicy) -> None:
-        self.policy = policy
-        self.window = AgreementWindow(policy.ramp.window)
-
-    def record(self, agreed: bool) -> None:
-        """Add one comparison outcome."""
-        self.window.add(agreed)
-
-    def record_comparison(self, comparison: Comparison) -> bool:
-        """Add a comparator's result; one whose upstream answer could not be judged
-        (``comparable`` false) is no evidence and is skipped. True when it was counted."""
-        if comparison.comparable:
-            self.window.add(comparison.agreed)
-        return comparison.comparable
-
-    def step(self) -> RampDecision:
-        """Decide on the evidence so far; on a change, adopt the new policy and reset the window."""
-        decision = next_share(self.policy, self.window)
-        if decision.action != "hold":
-            self.policy = decision.apply(self.policy)
-            self.window.reset()
-        return decision
-
-    def set_policy(self, policy: RoutePolicy) -> None:
-        """Adopt a policy changed by hand; the evidence restarts when mode or share changed."""
-        if (policy.mode, policy.share) != (self.policy.mode, self.policy.share):
-            self.window.reset()
-        if policy.ramp.window != self.window.window:
-            self.window = AgreementWindow(policy.ramp.window)
-        self.policy = policy

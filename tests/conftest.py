@@ -228,12 +228,13 @@ class RoutedGateway:
             messages=[{"role": "system", "content": INTENTS_PROMPT}, {"role": "user", "content": text}], **kwargs)
 
 
-def routed_gateway(tmp: Path, sim: ServerProcess, vllm, adapter_data: Path) -> RoutedGateway:
-    """Start a RoutedGateway on a copy of ``adapter_data`` (stop its process when done)."""
+def routed_gateway(tmp: Path, sim: ServerProcess, vllm, adapter_data: Path, *extra: str) -> RoutedGateway:
+    """Start a RoutedGateway on a copy of ``adapter_data`` (stop its process when done); ``extra``
+    arguments go to ``arbitrage serve``."""
     import shutil
 
     data_dir = tmp / "data"
     shutil.copytree(adapter_data, data_dir, ignore=shutil.ignore_patterns("evals"))
     config = tmp / "arbitrage.toml"
     config.write_text(ROUTED_CONFIG.format(sim=sim.url, vllm=vllm.base_url))
-    return RoutedGateway(gateway(tmp, data_dir, "--dev", config=config).start(), data_dir, config)
+    return RoutedGateway(gateway(tmp, data_dir, "--dev", *extra, config=config).start(), data_dir, config)

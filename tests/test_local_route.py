@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -147,6 +148,36 @@ def test_shadow_mode_compares_in_the_background_and_the_ramp_moves_on_evidence(r
     assert confidences[0] == max(r["confidence"] for r in disagreements)
     assert all(r["input"] in OTHERS[60:80] and r["local_answer"] == CARD_ARRIVAL for r in shown["shown"])
     assert {r["kind"] for r in shadow_rows(data_dir)} >= {"shadow"}
+
+
+def test_two_workers_ramp_once_on_their_comparisons_together(sim, vllm, intents_adapter, tmp_path):
+    """With ``--workers 2`` the ramp counts every worker's comparisons in one window: min_samples
+    comparisons in all raise the share (each worker counting its own would need min_samples each),
+    once, and both workers report the same evidence."""
+    routed = routed_gateway(tmp_path, sim, vllm, intents_adapter, "--workers", "2")
+    try:
+        ramp = {"steps": [50.0, 100.0], "target": 0.4, "floor": 0.35, "min_samples": 8, "window": 50}
+        routed.set_policy(mode="shadow", share=0.0, threshold=0.0, output="json", shadow_rate=1.0, audit_rate=1.0,
+                          comparator={"name": "json"}, ramp=ramp)
+        time.sleep(1.5)  # both workers have re-read routes.json (each does every second)
+        with ThreadPoolExecutor(4) as clients:  # on fresh connections, so both workers take requests
+            answers = list(clients.map(routed.ask, CARDS[10:18]))
+        assert all(a.headers.get("x-arbitrage-served-by") is None for a in answers), "shadow mode serves upstream"
+        policy = _wait_for_policy(routed.data_dir, lambda p: p.mode == "canary")
+        assert policy.share == 50.0
+        changes = json.loads(arbitrage("sql", "SELECT action, evidence FROM route_changes WHERE actor = 'ramp'",
+                                       "--json", "--data-dir", str(routed.data_dir)).stdout)
+        assert [(c["action"], json.loads(c["evidence"])["n"]) for c in changes] == [("raise", 8)]
+        assert len(_wait_for(lambda: shadow_rows(routed.data_dir), 8)) == 8
+        with ThreadPoolExecutor(2) as clients:  # at canary 50 %: each compared (shadow) or audited, by either worker
+            list(clients.map(routed.ask, CARDS[18:20]))
+        assert len(_wait_for(lambda: shadow_rows(routed.data_dir), 10)) == 10
+        reports = [routed.route_status().get("evidence", {}).get("n") for _ in range(6)]
+        assert reports == [2] * 6, "every answer of the admin API, whichever worker gives it, counts both"
+        shown = arbitrage("route", "show", "--url", routed.process.url, "--admin-key", "dev").stdout
+        assert "2/2, lower 0.342" in shown, shown
+    finally:
+        routed.process.stop()
 
 
 def _shown_disagreements(routed, count: int) -> dict:

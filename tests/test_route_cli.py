@@ -64,11 +64,12 @@ def test_show_prints_a_table_of_the_policies(admin):
     result = route(admin, "show")
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.splitlines()
-    assert header.split() == ["path", "mode", "share", "threshold", "adapter", "comparator", "history",
-                              "calibrated", "(shadow", "data)"]
+    assert header.split() == ["path", "mode", "share", "threshold", "adapter", "comparator", "history", "ramp",
+                              "evidence", "calibrated", "(shadow", "data)"]
     row = next(r.split() for r in rows if r.startswith("support/intents"))
     assert ["support/intents", "canary", "10%", "0.8", "v1", "exact"] == row[:6]
-    assert row[7:] == ["not", "yet", "(0", "compared)"], "no shadow comparisons yet: no calibrated threshold"
+    assert row[7:9] == ["none", "yet"], "no comparisons yet: the ramp has no evidence"
+    assert row[9:] == ["not", "yet", "(0", "compared)"], "no shadow comparisons yet: no calibrated threshold"
 
 
 def test_show_json_of_one_path(admin):

@@ -260,3 +260,18 @@ def test_serve_with_a_bad_route_policy_stops_with_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f'Error: {bad}: routes."support/intents": share must be within 0-100 (percent), got 150.0']
+
+
+def test_a_change_conditional_on_a_revision_writes_nothing_once_the_policy_moved_on(tmp_path):
+    changes = []
+    table = RouteTable(config(tmp_path), on_change=changes.append)
+    assert table.revision("support/intents") == "config" and table.revision("unknown") == ""
+    first = table.revision("support/intents")
+    table.update("support/intents", {"share": 20}, actor="admin", reason="test")
+    second = table.revision("support/intents")
+    assert second == changes[-1].change_id != first
+    assert table.set("support/intents", shadow(), actor="ramp", reason="stale", revision=first) is None
+    assert len(changes) == 1 and table.get("support/intents").share == 20
+    assert RouteTable(config(tmp_path)).revision("support/intents") == second, "the revision is in routes.json"
+    assert table.set("support/intents", shadow(), actor="ramp", reason="current", revision=second).mode == "shadow"
+    assert table.revision("support/intents") == changes[-1].change_id != second

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from router.comparators import Comparison
 from router.policy import RampSettings, RoutePolicy
-from router.ramp import RampController, next_share
+from router.ramp import next_share
+from router.stats import AgreementWindow
 
 
 class Counts(NamedTuple):
@@ -75,30 +75,17 @@ def test_decision_carries_its_evidence():
     assert 0.96 < evidence["lower"] < 0.98 < evidence["upper"] < 0.995
 
 
-def test_controller_moves_up_resets_evidence_then_rolls_back():
-    controller = RampController(policy("shadow"))
+def test_a_window_of_outcomes_raises_and_then_a_fresh_one_rolls_back():
+    shadow, window = policy("shadow"), AgreementWindow(1000)
     for _ in range(400):
-        controller.record(True)
-    assert controller.step().action == "raise"
-    assert (controller.policy.mode, controller.policy.share, controller.window.n) == ("canary", 1.0, 0)
-    assert controller.step().reason == "too_few_samples"
+        window.add(True)
+    decision = next_share(shadow, window)
+    assert decision.action == "raise"
+    canary, window = decision.apply(shadow), AgreementWindow(1000)  # a new policy starts its evidence afresh
+    assert (canary.mode, canary.share) == ("canary", 1.0)
+    assert next_share(canary, window).reason == "too_few_samples"
     for _ in range(20):
-        controller.record(False)
-    assert controller.step().action == "rollback"
-    assert (controller.policy.mode, controller.policy.share) == ("shadow", 0.0)
-
-
-def test_controller_evidence_restarts_on_a_manual_share_change():
-    controller = RampController(policy(share=5))
-    controller.record(True)
-    controller.set_policy(policy(share=5, threshold=0.5))
-    assert controller.window.n == 1
-    controller.set_policy(policy(share=10))
-    assert controller.window.n == 0
-
-
-def test_controller_skips_comparisons_the_upstream_answer_made_impossible():
-    controller = RampController(policy(share=5))
-    assert controller.record_comparison(Comparison(False, "upstream answer is not JSON", comparable=False)) is False
-    assert controller.record_comparison(Comparison(False, "values differ")) is True
-    assert (controller.window.n, controller.window.agreed) == (1, 0)
+        window.add(False)
+    decision = next_share(canary, window)
+    assert decision.action == "rollback"
+    assert (decision.apply(canary).mode, decision.apply(canary).share) == ("shadow", 0.0)

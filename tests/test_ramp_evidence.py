@@ -1,0 +1,174 @@
+"""The ramp's evidence per policy revision, in memory and shared by workers; and two gateway workers'
+ramps on one path deciding once, on all their comparisons together (no server: the routers' ramp
+step is fed comparison outcomes as the background comparisons feed it)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from arbitrage.config import Config, GatewaySettings, LocalSettings
+from arbitrage.errors import StoreError
+from gateway.local import LocalBackend
+from gateway.metrics import Metrics
+from gateway.ramp_evidence import Counts, LocalEvidence, SharedEvidence
+from gateway.route_table import ROUTES_FILE, RouteTable
+from gateway.routing import Router
+from router.policy import RoutePolicy
+
+PATH = "support/intents"
+
+
+@pytest.fixture(params=["memory", "shared"])
+def evidence(request, tmp_path):
+    made = LocalEvidence() if request.param == "memory" else SharedEvidence(tmp_path / "ramp.sqlite")
+    yield made
+    made.close()
+
+
+def test_the_last_window_outcomes_of_the_revision_count(evidence):
+    for agreed in [False, False, True, True, True]:
+        last = evidence.add(PATH, "r1", agreed, window=3)
+    assert last == Counts(3, 3), "the two early disagreements slid out of a window of 3"
+    assert evidence.counts(PATH, "r1", window=3) == Counts(3, 3)
+    assert evidence.counts("other/path", "r1", window=3) == Counts(0, 0)
+
+
+def test_a_new_revision_starts_afresh_and_forget_keeps_only_the_current_one(evidence):
+    evidence.add(PATH, "r1", True, window=10)
+    assert evidence.add(PATH, "r2", False, window=10) == Counts(1, 0)
+    evidence.forget(PATH, keep="r2")
+    assert evidence.counts(PATH, "r1", window=10) == Counts(0, 0)
+    assert evidence.counts(PATH, "r2", window=10) == Counts(1, 0)
+    evidence.forget(PATH, keep="r3")
+    assert evidence.counts(PATH, "r2", window=10) == Counts(0, 0)
+
+
+def test_workers_add_to_one_window(tmp_path):
+    first, second = SharedEvidence(tmp_path / "ramp.sqlite"), SharedEvidence(tmp_path / "ramp.sqlite")
+    first.add(PATH, "r1", True, window=100)
+    assert second.add(PATH, "r1", False, window=100) == Counts(2, 1)
+    assert first.counts(PATH, "r1", window=100) == Counts(2, 1)
+
+
+def _add_outcomes(path: str, count: int, start, queue) -> None:
+    evidence = SharedEvidence(Path(path))
+    start.wait()
+    for i in range(count):
+        evidence.add(PATH, "r1", i % 2 == 0, window=100_000)
+    queue.put(count)
+
+
+def test_processes_adding_at_once_lose_no_outcome(tmp_path):
+    path = tmp_path / "ramp.sqlite"
+    SharedEvidence(path).close()
+    context = multiprocessing.get_context("spawn")
+    queue, start = context.Queue(), context.Barrier(3)
+    adders = [context.Process(target=_add_outcomes, args=(str(path), 300, start, queue)) for _ in range(3)]
+    for adder in adders:
+        adder.start()
+    assert sum(queue.get(timeout=60) for _ in adders) == 900
+    for adder in adders:
+        adder.join(10)
+    assert SharedEvidence(path).counts(PATH, "r1", window=100_000) == Counts(900, 450)
+
+
+def test_an_unusable_file_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError, match="shared ramp evidence"):
+        SharedEvidence(tmp_path / "missing" / "ramp.sqlite")
+
+
+# --- two workers' routers on one path -------------------------------------------------------------
+
+RAMP = {"steps": [5.0, 50.0, 100.0], "target": 0.5, "floor": 0.1, "min_samples": 10, "window": 100}
+
+
+class Worker:
+    """What one gateway worker holds for the ramp: its own route table on the shared data dir, its
+    evidence, and the router whose background comparisons feed it."""
+
+    def __init__(self, data_dir: Path, evidence) -> None:
+        self.changes = []
+        self.table = RouteTable(Config(gateway=GatewaySettings(data_dir=str(data_dir))), on_change=self.changes.append)
+        metrics = Metrics()  # vLLM, the proxy, the store and the background queue play no part in the ramp step
+        self.router = Router(self.table, LocalBackend(LocalSettings(), metrics), None, None, None, metrics, None,
+                             evidence)
+
+    def evidence(self) -> int:
+        """How many comparisons ``route show`` reports as the ramp's evidence, through this worker."""
+        return self.router.status(PATH).get("evidence", {"n": 0})["n"]
+
+    def compared(self, agreed: bool) -> None:
+        """A background comparison under the policy this worker has in force finished."""
+        self.router._ramp_evidence(PATH, self.table.get(PATH), agreed)
+
+
+def start_shadow(data_dir: Path) -> None:
+    RouteTable(Config(gateway=GatewaySettings(data_dir=str(data_dir)))).set(
+        PATH, RoutePolicy(mode="shadow", adapter="v1", ramp=RAMP), actor="test", reason="test")
+
+
+def ramp_raises(data_dir: Path) -> list[dict]:
+    routes = json.loads((data_dir / ROUTES_FILE).read_text())["routes"][PATH]
+    return [entry for entry in routes["history"] if entry["actor"] == "ramp"]
+
+
+def test_two_workers_raise_once_on_their_comparisons_together(tmp_path):
+    start_shadow(tmp_path)
+    evidence = tmp_path / "ramp.sqlite"
+    one, two = Worker(tmp_path, SharedEvidence(evidence)), Worker(tmp_path, SharedEvidence(evidence))
+    for _ in range(5):
+        one.compared(True)
+        two.compared(True)
+    policy = RouteTable(Config(gateway=GatewaySettings(data_dir=str(tmp_path)))).get(PATH)
+    assert (policy.mode, policy.share) == ("canary", 5.0), "10 agreeing comparisons in all reach min_samples"
+    [change] = one.changes + two.changes
+    assert (change.actor, change.action, change.evidence["n"], change.evidence["agreed"]) == ("ramp", "raise", 10, 10)
+    # The worker that did not raise has not re-read routes.json yet: its comparisons still count under
+    # the old policy, whose evidence the raise dropped.
+    stale = two if change in one.changes else one
+    stale.compared(True)
+    assert len(ramp_raises(tmp_path)) == 1 and len(one.changes + two.changes) == 1
+    stale.table.refresh()  # as every worker does each second
+    assert (one.evidence(), two.evidence()) == (0, 0), "the canary policy's evidence starts afresh"
+    stale.compared(True)
+    assert (one.evidence(), two.evidence()) == (1, 1), "both workers report the one comparison"
+
+
+def test_a_decision_on_a_policy_another_worker_changed_meanwhile_is_dropped(tmp_path):
+    """Two workers deciding at the same moment, each on enough evidence (here each its own): the one
+    whose route table is behind writes nothing, so the share goes up one step, not two."""
+    start_shadow(tmp_path)
+    one, two = Worker(tmp_path, LocalEvidence()), Worker(tmp_path, LocalEvidence())
+    for _ in range(10):
+        one.compared(True)
+    for _ in range(10):
+        two.compared(True)
+    assert [c.action for c in one.changes] == ["raise"] and two.changes == []
+    assert len(ramp_raises(tmp_path)) == 1
+    policy = RouteTable(Config(gateway=GatewaySettings(data_dir=str(tmp_path)))).get(PATH)
+    assert (policy.mode, policy.share) == ("canary", 5.0)
+
+
+def test_workers_each_with_their_own_evidence_would_not_have_raised(tmp_path):
+    """The same comparisons, counted per worker as before the shared evidence: 5 each, below min_samples."""
+    start_shadow(tmp_path)
+    one, two = Worker(tmp_path, LocalEvidence()), Worker(tmp_path, LocalEvidence())
+    for _ in range(5):
+        one.compared(True)
+        two.compared(True)
+    assert RouteTable(Config(gateway=GatewaySettings(data_dir=str(tmp_path)))).get(PATH).mode == "shadow"
+
+
+def test_a_comparison_made_under_an_earlier_policy_is_no_evidence(tmp_path):
+    start_shadow(tmp_path)
+    worker = Worker(tmp_path, LocalEvidence())
+    before = worker.table.get(PATH)
+    worker.table.update(PATH, {"threshold": 0.7}, actor="admin", reason="test")
+    worker.router._ramp_evidence(PATH, before, True)
+    assert worker.evidence() == 0
+    worker.compared(True)
+    assert worker.evidence() == 1
