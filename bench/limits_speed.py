@@ -1,6 +1,7 @@
 """What one key's limits cost a request: `Quotas.admit` + `Quotas.spend` for a key with an rpm and a
 daily budget, in memory (one worker) against the SQLite file the workers share (workers > 1), side
-by side in one run.
+by side in one run; and what counting one comparison's outcome into the ramp's evidence costs, the
+same two ways (`LocalEvidence` / `SharedEvidence.add` into a full window of 1,000).
 
     .venv/bin/python bench/limits_speed.py [--rounds 7] [--calls 2000]
 
@@ -8,6 +9,7 @@ Settings, alternated round by round (median of the rounds' microseconds per call
   memory        LocalLimits, one process (what `workers = 1` does)
   shared        SharedLimits, one process
   shared x2     SharedLimits, two processes admitting at once (both cores; each process's time)
+  evidence memory / evidence shared   one ramp outcome added and the window counted
 
 The bucket is deep enough never to refuse, so every call is a token taken and a spend counted.
 """
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from arbitrage.keys import KeyEntry  # noqa: E402
 from gateway.limits import Quotas, SharedLimits  # noqa: E402
+from gateway.ramp_evidence import LocalEvidence, SharedEvidence  # noqa: E402
 
 KEY = KeyEntry("key_bench", "bench", "", "", rpm=10**9, budget_usd_day=10**9)
 
@@ -37,6 +40,13 @@ def per_call_us(shared: Path | None, calls: int) -> float:
     for _ in range(calls):
         quotas.admit(KEY)
         quotas.spend(KEY.id, 0.0001)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def evidence_us(evidence: LocalEvidence | SharedEvidence, calls: int) -> float:
+    start = time.perf_counter()
+    for i in range(calls):
+        evidence.add("bench/path", "r1", i % 50 != 0, 1000)
     return (time.perf_counter() - start) / calls * 1e6
 
 
@@ -62,23 +72,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()
-    results: dict[str, list[float]] = {"memory": [], "shared": [], "shared x2": []}
+    results: dict[str, list[float]] = {"memory": [], "shared": [], "shared x2": [], "evidence memory": [],
+                                       "evidence shared": []}
     with tempfile.TemporaryDirectory() as folder:
         shared = Path(folder) / SharedLimits.FILE
         SharedLimits(shared).close()
+        evidence = {"evidence memory": LocalEvidence(), "evidence shared": SharedEvidence(Path(folder) / "ramp.sqlite")}
         per_call_us(None, 200), per_call_us(shared, 200)  # warm up
+        for made in evidence.values():
+            evidence_us(made, 1000)  # warm up, and the window full
         for _ in range(args.rounds):
             results["memory"].append(per_call_us(None, args.calls))
             results["shared"].append(per_call_us(shared, args.calls))
             results["shared x2"].append(contended_us(shared, args.calls))
-    memory = statistics.median(results["memory"])
+            for name, made in evidence.items():
+                results[name].append(evidence_us(made, args.calls))
+    baseline = {name: statistics.median(results["evidence memory" if name.startswith("evidence") else "memory"])
+                for name in results}
     print(f"# {' '.join(sys.argv)}\n# {platform.processor() or platform.machine()}, "
           f"{multiprocessing.cpu_count()} cores, Python {platform.python_version()}, {args.rounds} rounds of "
-          f"{args.calls} admit + spend\n")
+          f"{args.calls} admit + spend (evidence: {args.calls} outcomes)\n")
     print("| setting | median us per call | min-max | vs memory |\n| --- | ---: | ---: | ---: |")
     for name, times in results.items():
         median = statistics.median(times)
-        print(f"| {name} | {median:.1f} | {min(times):.1f}-{max(times):.1f} | {median / memory:.1f}x |")
+        print(f"| {name} | {median:.1f} | {min(times):.1f}-{max(times):.1f} | {median / baseline[name]:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ class LocalEvidence:
         held[1].add(agreed)
         return Counts(held[1].n, held[1].agreed)
 
-    def counts(self, path: str, revision: str, window: int) -> Counts:
-        """The counts of ``revision``'s last ``window`` outcomes (none for another revision)."""
+    def counts(self, path: str, revision: str) -> Counts:
+        """The counts of ``revision``'s window (none for another revision)."""
         held = self._windows.get(path)
         if held is None or held[0] != revision:
             return Counts(0, 0)
@@ -66,8 +66,9 @@ class SharedEvidence:
     """The evidence of every worker of one gateway, in one SQLite file (``SharedSQLite``).
 
     Adding an outcome and counting the window is one transaction, so two workers never count
-    from the same state. A revision keeps at most its last ``window`` rows; the rows of older
-    revisions go when a worker makes or sees a change (``forget``).
+    from the same state. A revision keeps its last ``window`` outcomes and their running counts
+    (as ``AgreementWindow`` does), so an outcome costs the same at any window; the rows of older
+    revisions go when a worker makes a change (``forget``).
     """
 
     FILE = "ramp.sqlite"
@@ -78,32 +79,38 @@ class SharedEvidence:
             db.execute("CREATE TABLE IF NOT EXISTS outcomes "
                        "(seq INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT, revision TEXT, agreed INTEGER)")
             db.execute("CREATE INDEX IF NOT EXISTS outcomes_by_revision ON outcomes (path, revision, seq)")
+            db.execute("CREATE TABLE IF NOT EXISTS windows "
+                       "(path TEXT, revision TEXT, n INTEGER, agreed INTEGER, PRIMARY KEY (path, revision))")
 
     def add(self, path: str, revision: str, agreed: bool, window: int) -> Counts:
         with self.file.transaction() as db:
+            n, held = self._counts(db, path, revision)
             db.execute("INSERT INTO outcomes (path, revision, agreed) VALUES (?, ?, ?)", (path, revision, int(agreed)))
-            db.execute("DELETE FROM outcomes WHERE path = ? AND revision = ? AND seq <= (SELECT seq FROM outcomes "
-                       "WHERE path = ? AND revision = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                       (path, revision, path, revision, window))
-            return self._counts(db, path, revision, window)
+            n, held = n + 1, held + bool(agreed)
+            if n > window:  # the oldest outcome leaves the window
+                seq, oldest = db.execute("SELECT seq, agreed FROM outcomes WHERE path = ? AND revision = ? "
+                                         "ORDER BY seq LIMIT 1", (path, revision)).fetchone()
+                db.execute("DELETE FROM outcomes WHERE seq = ?", (seq,))
+                n, held = n - 1, held - oldest
+            db.execute("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?)", (path, revision, n, held))
+        return Counts(n, held)
 
-    def counts(self, path: str, revision: str, window: int) -> Counts:
+    def counts(self, path: str, revision: str) -> Counts:
         with self.file.reading() as db:
-            return self._counts(db, path, revision, window)
+            return self._counts(db, path, revision)
 
     def forget(self, path: str, keep: str) -> None:
         with self.file.transaction() as db:
             db.execute("DELETE FROM outcomes WHERE path = ? AND revision != ?", (path, keep))
+            db.execute("DELETE FROM windows WHERE path = ? AND revision != ?", (path, keep))
 
     def close(self) -> None:
         self.file.close()
 
     @staticmethod
-    def _counts(db, path: str, revision: str, window: int) -> Counts:
-        n, agreed = db.execute("SELECT count(*), coalesce(sum(agreed), 0) FROM (SELECT agreed FROM outcomes "
-                               "WHERE path = ? AND revision = ? ORDER BY seq DESC LIMIT ?)",
-                               (path, revision, window)).fetchone()
-        return Counts(n, agreed)
+    def _counts(db, path: str, revision: str) -> Counts:
+        row = db.execute("SELECT n, agreed FROM windows WHERE path = ? AND revision = ?", (path, revision)).fetchone()
+        return Counts(*row) if row else Counts(0, 0)
 
 
 def ramp_evidence() -> LocalEvidence | SharedEvidence:

@@ -346,7 +346,7 @@ class Router:
         if policy is None:
             return facts
         try:
-            n, agreed = self.evidence.counts(path, self.table.revision(path), policy.ramp.window)
+            n, agreed = self.evidence.counts(path, self.table.revision(path))
         except StoreError as exc:
             facts["evidence_error"] = str(exc)
             return facts

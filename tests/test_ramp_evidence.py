@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import random
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from gateway.ramp_evidence import Counts, LocalEvidence, SharedEvidence
 from gateway.route_table import ROUTES_FILE, RouteTable
 from gateway.routing import Router
 from router.policy import RoutePolicy
+from router.stats import AgreementWindow
 
 PATH = "support/intents"
 
@@ -33,25 +35,35 @@ def test_the_last_window_outcomes_of_the_revision_count(evidence):
     for agreed in [False, False, True, True, True]:
         last = evidence.add(PATH, "r1", agreed, window=3)
     assert last == Counts(3, 3), "the two early disagreements slid out of a window of 3"
-    assert evidence.counts(PATH, "r1", window=3) == Counts(3, 3)
-    assert evidence.counts("other/path", "r1", window=3) == Counts(0, 0)
+    assert evidence.counts(PATH, "r1") == Counts(3, 3)
+    assert evidence.counts("other/path", "r1") == Counts(0, 0)
+
+
+def test_the_running_counts_match_the_window_recounted(evidence):
+    rng = random.Random(7)
+    outcomes = [rng.random() < p for p in [0.9] * 120 + [0.3] * 80]
+    assert 0 < sum(outcomes) < len(outcomes)
+    window = AgreementWindow(17)
+    for agreed in outcomes:
+        window.add(agreed)
+        assert evidence.add(PATH, "r1", agreed, window=17) == Counts(window.n, window.agreed)
 
 
 def test_a_new_revision_starts_afresh_and_forget_keeps_only_the_current_one(evidence):
     evidence.add(PATH, "r1", True, window=10)
     assert evidence.add(PATH, "r2", False, window=10) == Counts(1, 0)
     evidence.forget(PATH, keep="r2")
-    assert evidence.counts(PATH, "r1", window=10) == Counts(0, 0)
-    assert evidence.counts(PATH, "r2", window=10) == Counts(1, 0)
+    assert evidence.counts(PATH, "r1") == Counts(0, 0)
+    assert evidence.counts(PATH, "r2") == Counts(1, 0)
     evidence.forget(PATH, keep="r3")
-    assert evidence.counts(PATH, "r2", window=10) == Counts(0, 0)
+    assert evidence.counts(PATH, "r2") == Counts(0, 0)
 
 
 def test_workers_add_to_one_window(tmp_path):
     first, second = SharedEvidence(tmp_path / "ramp.sqlite"), SharedEvidence(tmp_path / "ramp.sqlite")
     first.add(PATH, "r1", True, window=100)
     assert second.add(PATH, "r1", False, window=100) == Counts(2, 1)
-    assert first.counts(PATH, "r1", window=100) == Counts(2, 1)
+    assert first.counts(PATH, "r1") == Counts(2, 1)
 
 
 def _add_outcomes(path: str, count: int, start, queue) -> None:
@@ -73,7 +85,7 @@ def test_processes_adding_at_once_lose_no_outcome(tmp_path):
     assert sum(queue.get(timeout=60) for _ in adders) == 900
     for adder in adders:
         adder.join(10)
-    assert SharedEvidence(path).counts(PATH, "r1", window=100_000) == Counts(900, 450)
+    assert SharedEvidence(path).counts(PATH, "r1") == Counts(900, 450)
 
 
 def test_an_unusable_file_is_a_store_error(tmp_path):
