@@ -252,8 +252,8 @@ def rollback(path, reason, url, admin_key, config_path) -> None:
 @click.argument("path")
 @click.argument("comparison", required=False)
 @click.option("--verdict", type=click.Choice(VERDICTS),
-              help="upstream_wrong: the local answer was right (the calibration then counts the comparison as "
-                   "agreed); local_wrong: the upstream answer was right; ambiguous: the input fits both.")
+              help="upstream_wrong: the local answer was right (the calibration and the ramp then count the "
+                   "comparison as agreed); local_wrong: the upstream answer was right; ambiguous: the input fits both.")
 @click.option("--note", help="Why (kept in the reviews table).")
 @click.option("--file", "verdicts_file", type=click.Path(exists=True, dir_okay=False),
               help="Many verdicts instead of one: a CSV with columns comparison, verdict and (optional) note.")
@@ -280,7 +280,9 @@ def review(path, comparison, verdict, note, verdicts_file, url, admin_key, confi
                 exc.message = f"{done} of {len(verdicts)} verdicts recorded; then {body['shadow_id']}: {exc.message}"
             raise
     what = f"comparison {comparison} reviewed {verdict}" if not verdicts_file else f"{len(verdicts)} verdicts recorded"
-    click.echo(f"{path}: {what}; calibrated threshold now {_calibrated(entry.get('status') or {})}")
+    status = entry.get("status") or {}
+    click.echo(f"{path}: {what}; calibrated threshold now {_calibrated(status)}; "
+               f"ramp evidence now {_ramp_evidence(entry['policy'], status)}")
 
 
 def read_verdicts(file: str) -> list[dict[str, str]]:

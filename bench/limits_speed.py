@@ -1,7 +1,7 @@
 """What one key's limits cost a request: `Quotas.admit` + `Quotas.spend` for a key with an rpm and a
 daily budget, in memory (one worker) against the SQLite file the workers share (workers > 1), side
 by side in one run; and what counting one comparison's outcome into the ramp's evidence costs, the
-same two ways (`LocalEvidence` / `SharedEvidence.add` into a full window of 1,000).
+same two ways (`RampEvidence.add` into a full window of 1,000, in memory / in the shared file).
 
     .venv/bin/python bench/limits_speed.py [--rounds 7] [--calls 2000]
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from arbitrage.keys import KeyEntry  # noqa: E402
 from gateway.limits import Quotas, SharedLimits  # noqa: E402
-from gateway.ramp_evidence import LocalEvidence, SharedEvidence  # noqa: E402
+from gateway.ramp_evidence import RampEvidence  # noqa: E402
 
 KEY = KeyEntry("key_bench", "bench", "", "", rpm=10**9, budget_usd_day=10**9)
 
@@ -43,10 +43,10 @@ def per_call_us(shared: Path | None, calls: int) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def evidence_us(evidence: LocalEvidence | SharedEvidence, calls: int) -> float:
+def evidence_us(evidence: RampEvidence, calls: int) -> float:
     start = time.perf_counter()
     for i in range(calls):
-        evidence.add("bench/path", "r1", i % 50 != 0, 1000)
+        evidence.add("bench/path", "r1", f"s{i}", i % 50 != 0, 1000)
     return (time.perf_counter() - start) / calls * 1e6
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         shared = Path(folder) / SharedLimits.FILE
         SharedLimits(shared).close()
-        evidence = {"evidence memory": LocalEvidence(), "evidence shared": SharedEvidence(Path(folder) / "ramp.sqlite")}
+        evidence = {"evidence memory": RampEvidence(), "evidence shared": RampEvidence(Path(folder) / RampEvidence.FILE)}
         per_call_us(None, 200), per_call_us(shared, 200)  # warm up
         for made in evidence.values():
             evidence_us(made, 1000)  # warm up, and the window full

@@ -8,7 +8,8 @@
     POST /admin/routes/PATH/promote         {"adapter": "v3", "threshold": 0.8?}: shadow, share 0
     POST /admin/routes/PATH/rollback        the previous policy (else shadow, share 0)
     POST /admin/routes/PATH/review          {"shadow_id": "...", "verdict": "upstream_wrong", "note": "..."?}:
-                                            a person's verdict on one comparison (a ``reviews`` row)
+                                            a person's verdict on one comparison (a ``reviews`` row,
+                                            counted in the ramp's evidence while in its window)
 
 PATH is the call path itself, slashes included (``/admin/routes/support/intents``). Changes are
 written to ``<data_dir>/routes.json`` through the gateway's ``RouteTable`` (every worker sees them
@@ -146,7 +147,8 @@ async def review(gateway: Any, path: str, request: ReviewRequest, http: Request)
            "adapter": found["adapter"], "verdict": request.verdict, "reviewer": key.name if key else None,
            "note": request.note}
     gateway.store.append("reviews", row)
-    return {**row, "ts": row["ts"].isoformat()}
+    in_window = gateway.router.review_evidence(path, request.shadow_id, request.verdict)
+    return {**row, "ts": row["ts"].isoformat(), "in_ramp_window": in_window}
 
 
 def promote(table: RouteTable, path: str, request: PromoteRequest, reason: str) -> RoutePolicy:

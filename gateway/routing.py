@@ -38,7 +38,7 @@ from arbitrage.pricing import PriceBook
 from gateway.local import BackgroundWork, LocalBackend, LocalError
 from gateway.metrics import Metrics
 from gateway.proxy import REQUEST_ID_HEADER, Call, Outcome, Proxy
-from gateway.ramp_evidence import Counts, LocalEvidence, SharedEvidence
+from gateway.ramp_evidence import Counts, RampEvidence
 from gateway.upstream import TRANSPORT_ERRORS, Upstream
 from router.comparators import Comparison, make_comparator
 from router.confidence import choice_logprobs, score
@@ -71,7 +71,7 @@ class Router:
     """The local route, shadow and audit work, and the ramp for every chat path with a policy."""
 
     def __init__(self, table, backend: LocalBackend, proxy: Proxy, store: CaptureStore, prices: PriceBook,
-                 metrics: Metrics, background: BackgroundWork, evidence: LocalEvidence | SharedEvidence) -> None:
+                 metrics: Metrics, background: BackgroundWork, evidence: RampEvidence) -> None:
         self.table = table
         self.backend = backend
         self.proxy = proxy
@@ -265,8 +265,8 @@ class Router:
                        counts: bool) -> None:
         comparison: Comparison = await self._comparator(path, policy).acompare(upstream_text, local_text)
         agreed = comparison.agreed if comparison.comparable else None
-        self._write_shadow(path, policy, request_id, kind, upstream_text, local_text, confidence, agreed, cost,
-                           latency_ms, None if comparison.comparable else comparison.detail)
+        shadow_id = self._write_shadow(path, policy, request_id, kind, upstream_text, local_text, confidence, agreed,
+                                       cost, latency_ms, None if comparison.comparable else comparison.detail)
         label = self.metrics.path_label(path)
         if cost:
             self.metrics.shadow_cost.labels(label, kind).inc(cost)
@@ -274,10 +274,11 @@ class Router:
             return
         self.metrics.comparisons.labels(label, kind, "true" if comparison.agreed else "false").inc()
         if counts:  # evidence for the ramp: answers the route would serve (above the threshold, valid)
-            self._ramp_evidence(path, policy, comparison.agreed)
+            self._ramp_evidence(path, policy, shadow_id, comparison.agreed)
 
     def _write_shadow(self, path, policy, request_id, kind, upstream_text, local_text, confidence, agreed, cost,
-                      latency_ms, error) -> None:
+                      latency_ms, error) -> str:
+        """Record one comparison (or its failure) in the ``shadow`` table; its id."""
         row = {"shadow_id": os.urandom(8).hex(), "ts": datetime.now(UTC), "request_id": request_id, "path": path,
                "adapter": self.served_name(path, policy), "kind": kind, "comparator": policy.comparator.name,
                "upstream_answer": upstream_text, "local_answer": local_text, "confidence": confidence,
@@ -286,19 +287,38 @@ class Router:
             self.store.append("shadow", row)
         except StoreError as exc:
             log.error("shadow record of %s failed: %s", request_id, exc)
+        return row["shadow_id"]
 
     # --- the ramp
 
-    def _ramp_evidence(self, path: str, policy: RoutePolicy, agreed: bool) -> None:
+    def _ramp_evidence(self, path: str, policy: RoutePolicy, shadow_id: str, agreed: bool) -> None:
         current = self.table.get(path)
         if current != policy:
             return  # the policy changed while this comparison ran: it is no evidence for the new one
         revision = self.table.revision(path)
         try:
-            counts = self.evidence.add(path, revision, agreed, current.ramp.window)
+            counts = self.evidence.add(path, revision, shadow_id, agreed, current.ramp.window)
         except StoreError as exc:
             log.error("ramp evidence of %s not counted: %s", path, exc)
             return
+        self._ramp_step(path, current, revision, counts)
+
+    def review_evidence(self, path: str, shadow_id: str, verdict: str) -> bool:
+        """Count a person's verdict on a comparison in the ramp's evidence, and let the ramp decide
+        on it at once; True when the comparison is in the window of the policy in force."""
+        try:
+            found = self.evidence.overrule(path, shadow_id, upstream_wrong=verdict == "upstream_wrong")
+        except StoreError as exc:
+            log.error("the review of %s is not in the ramp's evidence: %s", shadow_id, exc)
+            return False
+        current, revision = self.table.get(path), self.table.revision(path)
+        if found is None or found[0] != revision or current is None:
+            return False
+        self._ramp_step(path, current, revision, found[1])
+        return True
+
+    def _ramp_step(self, path: str, current: RoutePolicy, revision: str, counts: Counts) -> None:
+        """The ramp's decision on ``counts``, written to the route table unless the policy changed meanwhile."""
         self._agreement_metrics(path, current, counts)
         decision = next_share(current, counts)
         if decision.action == "hold":

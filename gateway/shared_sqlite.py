@@ -1,4 +1,5 @@
-"""An SQLite file that every worker of one gateway shares (``serve`` with ``workers`` > 1).
+"""An SQLite file that every worker of one gateway shares (``serve`` with ``workers`` > 1), or
+the same database in one process's memory (``:memory:``).
 
 The files live in the run's temporary folder and are made again at every start, so they are
 written without fsync (WAL, ``synchronous = OFF``). Each change is one short ``BEGIN IMMEDIATE``

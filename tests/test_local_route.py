@@ -150,6 +150,31 @@ def test_shadow_mode_compares_in_the_background_and_the_ramp_moves_on_evidence(r
     assert {r["kind"] for r in shadow_rows(data_dir)} >= {"shadow"}
 
 
+def test_a_reviewed_upstream_mistake_counts_in_the_ramps_evidence_at_once(routed):
+    data_dir, ask = routed.data_dir, routed.ask
+    ramp = {"steps": [50.0, 100.0], "target": 0.5, "floor": 0.05, "min_samples": 4, "window": 50}
+    routed.set_policy(mode="shadow", share=0.0, threshold=0.0, output="json", shadow_rate=1.0,
+                      comparator={"name": "json"}, ramp=ramp)
+    before = len(shadow_rows(data_dir))
+    for text in CARDS[20:22] + OTHERS[0:2]:  # the adapter answers card_arrival: 2 agree, 2 disagree
+        ask(text)
+    rows = _wait_for(lambda: shadow_rows(data_dir)[before:], 4)
+    disagreed = [r["shadow_id"] for r in rows if r["agreed"] is False]
+    assert len(disagreed) == 2 and routed.route_status()["evidence"]["n"] == 4
+
+    def review(shadow_id: str) -> str:
+        return arbitrage("route", "review", INTENTS_PATH, shadow_id, "--verdict", "upstream_wrong",
+                         "--url", routed.process.url, "--admin-key", "dev").stdout
+
+    assert "ramp evidence now 3/4, lower 0.301" in review(disagreed[0]), "3 of 4: the lower bound is under 0.5"
+    assert routed.route_status()["policy"]["mode"] == "shadow"
+    assert "ramp evidence now none yet" in review(disagreed[1]), "4 of 4 raised the share: a new policy's evidence"
+    assert (routed.route_status()["policy"]["mode"], routed.route_status()["policy"]["share"]) == ("canary", 50.0)
+    changes = json.loads(arbitrage("sql", "SELECT evidence FROM route_changes WHERE actor = 'ramp' "
+                                   "ORDER BY ts DESC LIMIT 1", "--json", "--data-dir", str(data_dir)).stdout)
+    assert {k: json.loads(changes[0]["evidence"])[k] for k in ("n", "agreed")} == {"n": 4, "agreed": 4}
+
+
 def test_two_workers_ramp_once_on_their_comparisons_together(sim, vllm, intents_adapter, tmp_path):
     """With ``--workers 2`` the ramp counts every worker's comparisons in one window: min_samples
     comparisons in all raise the share (each worker counting its own would need min_samples each),

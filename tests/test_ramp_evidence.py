@@ -15,25 +15,31 @@ from arbitrage.config import Config, GatewaySettings, LocalSettings
 from arbitrage.errors import StoreError
 from gateway.local import LocalBackend
 from gateway.metrics import Metrics
-from gateway.ramp_evidence import Counts, LocalEvidence, SharedEvidence
+from gateway.ramp_evidence import Counts, RampEvidence
 from gateway.route_table import ROUTES_FILE, RouteTable
 from gateway.routing import Router
 from router.policy import RoutePolicy
 from router.stats import AgreementWindow
 
 PATH = "support/intents"
+_ids = iter(range(10**9))
+
+
+def next_id() -> str:
+    """A comparison id, as the shadow table's."""
+    return f"s{next(_ids)}"
 
 
 @pytest.fixture(params=["memory", "shared"])
 def evidence(request, tmp_path):
-    made = LocalEvidence() if request.param == "memory" else SharedEvidence(tmp_path / "ramp.sqlite")
+    made = RampEvidence() if request.param == "memory" else RampEvidence(tmp_path / "ramp.sqlite")
     yield made
     made.close()
 
 
 def test_the_last_window_outcomes_of_the_revision_count(evidence):
     for agreed in [False, False, True, True, True]:
-        last = evidence.add(PATH, "r1", agreed, window=3)
+        last = evidence.add(PATH, "r1", next_id(), agreed, window=3)
     assert last == Counts(3, 3), "the two early disagreements slid out of a window of 3"
     assert evidence.counts(PATH, "r1") == Counts(3, 3)
     assert evidence.counts("other/path", "r1") == Counts(0, 0)
@@ -46,12 +52,12 @@ def test_the_running_counts_match_the_window_recounted(evidence):
     window = AgreementWindow(17)
     for agreed in outcomes:
         window.add(agreed)
-        assert evidence.add(PATH, "r1", agreed, window=17) == Counts(window.n, window.agreed)
+        assert evidence.add(PATH, "r1", next_id(), agreed, window=17) == Counts(window.n, window.agreed)
 
 
 def test_a_new_revision_starts_afresh_and_forget_keeps_only_the_current_one(evidence):
-    evidence.add(PATH, "r1", True, window=10)
-    assert evidence.add(PATH, "r2", False, window=10) == Counts(1, 0)
+    evidence.add(PATH, "r1", next_id(), True, window=10)
+    assert evidence.add(PATH, "r2", next_id(), False, window=10) == Counts(1, 0)
     evidence.forget(PATH, keep="r2")
     assert evidence.counts(PATH, "r1") == Counts(0, 0)
     assert evidence.counts(PATH, "r2") == Counts(1, 0)
@@ -59,24 +65,41 @@ def test_a_new_revision_starts_afresh_and_forget_keeps_only_the_current_one(evid
     assert evidence.counts(PATH, "r2") == Counts(0, 0)
 
 
+def test_a_verdict_counts_as_the_calibration_counts_it_while_the_comparison_is_in_the_window(evidence):
+    wrong, right = next_id(), next_id()
+    evidence.add(PATH, "r1", wrong, False, window=3)
+    evidence.add(PATH, "r1", right, True, window=3)
+    assert evidence.overrule(PATH, wrong, upstream_wrong=True) == ("r1", Counts(2, 2)), "the local answer was right"
+    assert evidence.overrule(PATH, wrong, upstream_wrong=True) == ("r1", Counts(2, 2)), "the same verdict again"
+    assert evidence.overrule(PATH, wrong, upstream_wrong=False) == ("r1", Counts(2, 1)), "a later verdict undoes it"
+    assert evidence.overrule(PATH, right, upstream_wrong=False) == ("r1", Counts(2, 1)), "agreed stays agreed"
+    assert evidence.overrule(PATH, "s-unknown", upstream_wrong=True) is None
+    assert evidence.overrule("other/path", wrong, upstream_wrong=True) is None
+    evidence.overrule(PATH, wrong, upstream_wrong=True)
+    for _ in range(3):
+        evidence.add(PATH, "r1", next_id(), False, window=3)
+    assert evidence.counts(PATH, "r1") == Counts(3, 0), "the overruled outcome left the window with its verdict"
+    assert evidence.overrule(PATH, wrong, upstream_wrong=True) is None
+
+
 def test_workers_add_to_one_window(tmp_path):
-    first, second = SharedEvidence(tmp_path / "ramp.sqlite"), SharedEvidence(tmp_path / "ramp.sqlite")
-    first.add(PATH, "r1", True, window=100)
-    assert second.add(PATH, "r1", False, window=100) == Counts(2, 1)
+    first, second = RampEvidence(tmp_path / "ramp.sqlite"), RampEvidence(tmp_path / "ramp.sqlite")
+    first.add(PATH, "r1", next_id(), True, window=100)
+    assert second.add(PATH, "r1", next_id(), False, window=100) == Counts(2, 1)
     assert first.counts(PATH, "r1") == Counts(2, 1)
 
 
 def _add_outcomes(path: str, count: int, start, queue) -> None:
-    evidence = SharedEvidence(Path(path))
+    evidence = RampEvidence(Path(path))
     start.wait()
     for i in range(count):
-        evidence.add(PATH, "r1", i % 2 == 0, window=100_000)
+        evidence.add(PATH, "r1", next_id(), i % 2 == 0, window=100_000)
     queue.put(count)
 
 
 def test_processes_adding_at_once_lose_no_outcome(tmp_path):
     path = tmp_path / "ramp.sqlite"
-    SharedEvidence(path).close()
+    RampEvidence(path).close()
     context = multiprocessing.get_context("spawn")
     queue, start = context.Queue(), context.Barrier(3)
     adders = [context.Process(target=_add_outcomes, args=(str(path), 300, start, queue)) for _ in range(3)]
@@ -85,12 +108,12 @@ def test_processes_adding_at_once_lose_no_outcome(tmp_path):
     assert sum(queue.get(timeout=60) for _ in adders) == 900
     for adder in adders:
         adder.join(10)
-    assert SharedEvidence(path).counts(PATH, "r1") == Counts(900, 450)
+    assert RampEvidence(path).counts(PATH, "r1") == Counts(900, 450)
 
 
 def test_an_unusable_file_is_a_store_error(tmp_path):
     with pytest.raises(StoreError, match="shared ramp evidence"):
-        SharedEvidence(tmp_path / "missing" / "ramp.sqlite")
+        RampEvidence(tmp_path / "missing" / "ramp.sqlite")
 
 
 # --- two workers' routers on one path -------------------------------------------------------------
@@ -113,9 +136,11 @@ class Worker:
         """How many comparisons ``route show`` reports as the ramp's evidence, through this worker."""
         return self.router.status(PATH).get("evidence", {"n": 0})["n"]
 
-    def compared(self, agreed: bool) -> None:
-        """A background comparison under the policy this worker has in force finished."""
-        self.router._ramp_evidence(PATH, self.table.get(PATH), agreed)
+    def compared(self, agreed: bool) -> str:
+        """A background comparison under the policy this worker has in force finished; its id."""
+        shadow_id = next_id()
+        self.router._ramp_evidence(PATH, self.table.get(PATH), shadow_id, agreed)
+        return shadow_id
 
 
 def start_shadow(data_dir: Path) -> None:
@@ -131,7 +156,7 @@ def ramp_raises(data_dir: Path) -> list[dict]:
 def test_two_workers_raise_once_on_their_comparisons_together(tmp_path):
     start_shadow(tmp_path)
     evidence = tmp_path / "ramp.sqlite"
-    one, two = Worker(tmp_path, SharedEvidence(evidence)), Worker(tmp_path, SharedEvidence(evidence))
+    one, two = Worker(tmp_path, RampEvidence(evidence)), Worker(tmp_path, RampEvidence(evidence))
     for _ in range(5):
         one.compared(True)
         two.compared(True)
@@ -154,7 +179,7 @@ def test_a_decision_on_a_policy_another_worker_changed_meanwhile_is_dropped(tmp_
     """Two workers deciding at the same moment, each on enough evidence (here each its own): the one
     whose route table is behind writes nothing, so the share goes up one step, not two."""
     start_shadow(tmp_path)
-    one, two = Worker(tmp_path, LocalEvidence()), Worker(tmp_path, LocalEvidence())
+    one, two = Worker(tmp_path, RampEvidence()), Worker(tmp_path, RampEvidence())
     for _ in range(10):
         one.compared(True)
     for _ in range(10):
@@ -168,7 +193,7 @@ def test_a_decision_on_a_policy_another_worker_changed_meanwhile_is_dropped(tmp_
 def test_workers_each_with_their_own_evidence_would_not_have_raised(tmp_path):
     """The same comparisons, counted per worker as before the shared evidence: 5 each, below min_samples."""
     start_shadow(tmp_path)
-    one, two = Worker(tmp_path, LocalEvidence()), Worker(tmp_path, LocalEvidence())
+    one, two = Worker(tmp_path, RampEvidence()), Worker(tmp_path, RampEvidence())
     for _ in range(5):
         one.compared(True)
         two.compared(True)
@@ -177,10 +202,25 @@ def test_workers_each_with_their_own_evidence_would_not_have_raised(tmp_path):
 
 def test_a_comparison_made_under_an_earlier_policy_is_no_evidence(tmp_path):
     start_shadow(tmp_path)
-    worker = Worker(tmp_path, LocalEvidence())
+    worker = Worker(tmp_path, RampEvidence())
     before = worker.table.get(PATH)
     worker.table.update(PATH, {"threshold": 0.7}, actor="admin", reason="test")
-    worker.router._ramp_evidence(PATH, before, True)
+    worker.router._ramp_evidence(PATH, before, next_id(), True)
     assert worker.evidence() == 0
     worker.compared(True)
     assert worker.evidence() == 1
+
+
+def test_a_review_counts_in_the_ramps_window_and_the_ramp_decides_on_it_at_once(tmp_path):
+    start_shadow(tmp_path)
+    worker = Worker(tmp_path, RampEvidence())
+    ids = [worker.compared(agreed) for agreed in [False] * 3 + [True] * 7]
+    assert worker.table.get(PATH).mode == "shadow", "7 of 10 agreeing: the lower bound stays under 0.5"
+    assert worker.router.review_evidence(PATH, ids[0], "upstream_wrong") is True
+    assert worker.table.get(PATH).mode == "shadow"
+    assert worker.router.review_evidence(PATH, ids[1], "ambiguous") is True, "in the window, counted as judged"
+    assert worker.router.review_evidence(PATH, ids[1], "upstream_wrong") is True
+    [raised] = worker.changes
+    assert (raised.action, raised.evidence["n"], raised.evidence["agreed"]) == ("raise", 10, 9)
+    assert worker.table.get(PATH).mode == "canary"
+    assert worker.router.review_evidence(PATH, ids[2], "upstream_wrong") is False, "the raise started a new window"
