@@ -35,7 +35,7 @@ from litestar import Request, get, post, put
 from litestar.params import FromPath
 
 from arbitrage.config import check_route_path
-from arbitrage.errors import ConfigError, InvalidRequestError, NotFoundError
+from arbitrage.errors import APIError, ConfigError, InvalidRequestError, NotFoundError, StoreError
 from distill.versions import MANIFEST, versions
 from gateway import shadow_report
 from gateway.auth import require_admin
@@ -138,7 +138,10 @@ async def review(gateway: Any, path: str, request: ReviewRequest, http: Request)
     gateway.routes.refresh()
     if gateway.routes.get(path) is None:
         raise NotFoundError(f"route {path!r} has no policy, so no comparisons to review", code="unknown_route")
-    found = await asyncio.to_thread(shadow_report.comparison, gateway.config.data_dir, path, request.shadow_id)
+    try:
+        found = await asyncio.to_thread(shadow_report.comparison, gateway.config.data_dir, path, request.shadow_id)
+    except StoreError as exc:
+        raise APIError(f"the verdict was not recorded: {exc}", code="store_unreadable") from None
     if found is None:
         raise NotFoundError(f"path {path!r} has no comparison {request.shadow_id!r} (arbitrage route show {path} "
                             f"--disagreements 20 lists them)", code="unknown_comparison")
@@ -146,7 +149,10 @@ async def review(gateway: Any, path: str, request: ReviewRequest, http: Request)
     row = {"review_id": os.urandom(8).hex(), "ts": datetime.now(UTC), "shadow_id": request.shadow_id, "path": path,
            "adapter": found["adapter"], "verdict": request.verdict, "reviewer": key.name if key else None,
            "note": request.note}
-    gateway.store.append("reviews", row)
+    try:
+        gateway.store.append("reviews", row)
+    except StoreError as exc:
+        raise APIError(f"the verdict was not recorded: {exc}", code="store_unwritable") from None
     in_window = gateway.router.review_evidence(path, request.shadow_id, request.verdict)
     return {**row, "ts": row["ts"].isoformat(), "in_ramp_window": in_window}
 

@@ -18,6 +18,8 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from arbitrage.errors import StoreError
+
 MAX_DISAGREEMENTS = 100
 """The most disagreements one admin request returns."""
 
@@ -108,10 +110,18 @@ def request_input(request: str | None) -> str | None:
 
 
 def _query(data_dir: Path, sql: str, params: list[Any]) -> list[tuple]:
+    """The rows of ``sql`` over the capture store; StoreError (one line) when the store cannot be read."""
+    import duckdb
+
     from arbitrage.capture.store import connect, retrying
 
-    con = connect(Path(data_dir))
+    con = None
     try:
+        con = connect(Path(data_dir))  # its views read the Parquet files' footers already
         return retrying(lambda: con.execute(sql, params).fetchall())
+    except duckdb.Error as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]  # DuckDB adds the SQL on further lines
+        raise StoreError(f"the capture store in {data_dir} could not be read: {reason}") from exc
     finally:
-        con.close()
+        if con is not None:
+            con.close()

@@ -195,6 +195,25 @@ def test_a_review_of_an_unknown_comparison_or_with_a_bad_verdict_is_refused(admi
                       json={"shadow_id": "s1", "verdict": "ambiguous"}).status_code == 403
 
 
+def test_a_review_when_the_store_cannot_be_read_says_so_and_records_nothing(admin, compared):
+    def reviews() -> int:
+        return len(json.loads(arbitrage("sql", "SELECT * FROM reviews", "--json", "--data-dir",
+                                        str(admin.data_dir)).stdout))
+
+    before = reviews()
+    broken = admin.data_dir / "shadow" / PARQUET_DIR / "broken.parquet"
+    broken.write_bytes(b"PAR1 not a parquet file PAR1")
+    try:
+        line = failure(route(admin, "review", "cli/disagree", "s3", "--verdict", "ambiguous"))
+    finally:
+        broken.unlink()
+    assert line.startswith("Error: the verdict was not recorded: the capture store in "), line
+    assert "broken.parquet" in line and "Traceback" not in line
+    assert reviews() == before
+    assert route(admin, "review", "cli/disagree", "s3", "--verdict", "ambiguous").returncode == 0, "readable again"
+    assert reviews() == before + 1
+
+
 def test_review_takes_a_file_of_verdicts_checked_before_any_is_sent(admin, compared, tmp_path):
     verdicts = tmp_path / "verdicts.csv"
     verdicts.write_text("comparison,verdict,note\ns2,ambiguous,fits both\ns0,bogus,\n")
