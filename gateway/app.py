@@ -95,7 +95,7 @@ def serve(config: Config) -> None:
     os.environ[CONFIG_ENV] = msgspec.json.encode(config).decode()
     with multiprocess_metrics_folder() as folder:
         shared_limits_in(Path(folder), config.data_dir)  # one rpm and one budget per key for all workers
-        shared_evidence_in(Path(folder))  # one ramp per path for all workers
+        shared_evidence_in(Path(folder), config)  # one ramp per path for all workers
         try:
             uvicorn.run(f"{__name__}:worker_app", factory=True, workers=config.gateway.workers, **options)
         finally:

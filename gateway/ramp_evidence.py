@@ -15,15 +15,27 @@ run's temporary folder that every worker adds to (``SharedSQLite``), so the ramp
 the path's comparisons (``min_samples`` in all, not in each worker) and ``route show`` reports
 the same evidence whichever worker answers. ``serve`` creates the file and names it in
 ``ARBITRAGE_SHARED_RAMP``.
+
+At start the windows are rebuilt from the capture store (``restore_from_store``: the comparisons
+made since each policy's change, with their verdicts), so a restart does not send a ramp back to
+zero; ``serve`` does it for the shared file before the workers start, one worker in its lifespan.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import NamedTuple
 
+from arbitrage.capture.migrations import SCHEMA_FILE
+from arbitrage.config import Config
+from arbitrage.errors import StoreError
+from gateway import shadow_report
+from gateway.route_table import RouteTable
 from gateway.shared_sqlite import SharedSQLite
+
+log = logging.getLogger(__name__)
 
 SHARED_RAMP_ENV = "ARBITRAGE_SHARED_RAMP"
 """Names the workers' shared ramp evidence (set by ``serve`` for ``workers`` > 1)."""
@@ -46,6 +58,7 @@ class RampEvidence:
     FILE = "ramp.sqlite"
 
     def __init__(self, path: Path | None = None) -> None:
+        self.shared = path is not None
         self.file = SharedSQLite(path or Path(":memory:"), "the workers' shared ramp evidence")
         with self.file.transaction() as db:
             db.execute("CREATE TABLE IF NOT EXISTS outcomes (seq INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT, "
@@ -70,6 +83,19 @@ class RampEvidence:
                 n, held = n - 1, held - oldest
             db.execute("INSERT OR REPLACE INTO windows VALUES (?, ?, ?, ?)", (path, revision, n, held))
         return Counts(n, held)
+
+    def load(self, path: str, revision: str, outcomes: list[tuple[str, bool, bool]]) -> Counts:
+        """Replace ``path``'s evidence with ``revision``'s window of ``outcomes``: (shadow_id, judged,
+        reviewed upstream_wrong), oldest first."""
+        with self.file.transaction() as db:
+            db.execute("DELETE FROM outcomes WHERE path = ?", (path,))
+            db.execute("DELETE FROM windows WHERE path = ?", (path,))
+            db.executemany("INSERT INTO outcomes (path, revision, shadow_id, judged, agreed) VALUES (?, ?, ?, ?, ?)",
+                           [(path, revision, shadow_id, int(judged), int(judged or overruled))
+                            for shadow_id, judged, overruled in outcomes])
+            counts = Counts(len(outcomes), sum(judged or overruled for _, judged, overruled in outcomes))
+            db.execute("INSERT INTO windows VALUES (?, ?, ?, ?)", (path, revision, *counts))
+        return counts
 
     def overrule(self, path: str, shadow_id: str, upstream_wrong: bool) -> tuple[str, Counts] | None:
         """Count a verdict on comparison ``shadow_id``: agreed if ``upstream_wrong``, else as judged.
@@ -113,10 +139,37 @@ def ramp_evidence() -> RampEvidence:
     return RampEvidence(Path(shared) if shared else None)
 
 
-def shared_evidence_in(folder: Path) -> Path:
-    """Create the workers' shared evidence in ``folder`` and name it in the environment the
-    workers inherit."""
+def restore_from_store(evidence: RampEvidence, table: RouteTable, data_dir: Path) -> int:
+    """Rebuild the window of every path the ramp moves (an adapter, not off, the ramp on, a policy
+    put in force by a recorded change) from the capture store; how many paths had comparisons. A
+    store that cannot be read is logged, and the evidence starts empty."""
+    restored = 0
+    if not (data_dir / SCHEMA_FILE).exists():
+        return restored  # no store yet
+    for path, policy in table.policies().items():
+        revision = table.revision(path)
+        if policy.mode == "off" or not policy.adapter or not policy.ramp.enabled or revision in ("", "config"):
+            continue
+        try:
+            outcomes = shadow_report.ramp_outcomes(data_dir, path, f"{path}/{policy.adapter}", policy, revision)
+        except StoreError as exc:
+            log.warning("the ramp's evidence starts empty: %s", exc)
+            return restored
+        if outcomes:
+            counts = evidence.load(path, revision, outcomes)
+            log.info("ramp evidence of %s restored from the store: %d of %d agreed", path, counts.agreed, counts.n)
+            restored += 1
+    return restored
+
+
+def shared_evidence_in(folder: Path, config: Config) -> Path:
+    """Create the workers' shared evidence in ``folder``, rebuilt from the capture store, and name
+    it in the environment the workers inherit."""
     path = folder / RampEvidence.FILE
-    RampEvidence(path).close()
+    evidence = RampEvidence(path)
+    try:
+        restore_from_store(evidence, RouteTable(config), config.data_dir)
+    finally:
+        evidence.close()
     os.environ[SHARED_RAMP_ENV] = str(path)
     return path

@@ -34,7 +34,7 @@ from arbitrage.pricing import PriceBook
 from gateway import shadow_report
 from gateway.auth import Authenticator
 from gateway.limits import SHARED_LIMITS_ENV, Quotas
-from gateway.ramp_evidence import ramp_evidence
+from gateway.ramp_evidence import ramp_evidence, restore_from_store
 from gateway.local import BackgroundWork, LocalBackend
 from gateway.metrics import Metrics
 from gateway.paths import METADATA_KEY, PATH_HEADER, derived_path, explicit_path
@@ -108,6 +108,8 @@ class Gateway:
         applied = self.store.open()
         if applied:
             log.info("capture store migrated: %s", ", ".join(applied))
+        if not self.router.evidence.shared:  # serve() rebuilt the workers' shared evidence already
+            await asyncio.to_thread(restore_from_store, self.router.evidence, self.routes, self.config.data_dir)
         self.pool = UpstreamPool([Upstream(u, self.metrics) for u in self.config.upstreams])
         self.pool.open()
         self._background = asyncio.create_task(self.store.run_background(self._on_compaction))

@@ -1,25 +1,31 @@
-"""The ramp's evidence per policy revision, in memory and shared by workers; and two gateway workers'
+"""The ramp's evidence per policy revision, in memory and shared by workers; two gateway workers'
 ramps on one path deciding once, on all their comparisons together (no server: the routers' ramp
-step is fed comparison outcomes as the background comparisons feed it)."""
+step is fed comparison outcomes as the background comparisons feed it); and the evidence rebuilt
+from the capture store when a gateway starts (one worker or two)."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing
 import random
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
+from arbitrage.capture.location import PARQUET_DIR
+from arbitrage.capture.store import CaptureStore
 from arbitrage.config import Config, GatewaySettings, LocalSettings
 from arbitrage.errors import StoreError
 from gateway.local import LocalBackend
 from gateway.metrics import Metrics
-from gateway.ramp_evidence import Counts, RampEvidence
+from gateway.ramp_evidence import Counts, RampEvidence, restore_from_store
 from gateway.route_table import ROUTES_FILE, RouteTable
 from gateway.routing import Router
 from router.policy import RoutePolicy
 from router.stats import AgreementWindow
+from tests.processes import gateway
 
 PATH = "support/intents"
 _ids = iter(range(10**9))
@@ -224,3 +230,76 @@ def test_a_review_counts_in_the_ramps_window_and_the_ramp_decides_on_it_at_once(
     assert (raised.action, raised.evidence["n"], raised.evidence["agreed"]) == ("raise", 10, 9)
     assert worker.table.get(PATH).mode == "canary"
     assert worker.router.review_evidence(PATH, ids[2], "upstream_wrong") is False, "the raise started a new window"
+
+
+# --- rebuilt from the capture store at start ------------------------------------------------------
+
+def stored_history(data_dir: Path, store: CaptureStore) -> str:
+    """A canary policy of adapter v1 (threshold 0.8, window 4) put in force by a recorded change, and
+    comparisons around it; the revision."""
+    now = datetime.now(UTC)
+
+    def compared(shadow_id: str, seconds: float, confidence: float, agreed: bool | None, kind: str = "shadow",
+                 adapter: str = f"{PATH}/v1") -> None:
+        store.append("shadow", {"shadow_id": shadow_id, "ts": now + timedelta(seconds=seconds), "path": PATH,
+                                "adapter": adapter, "kind": kind, "confidence": confidence, "agreed": agreed})
+
+    compared("before", -60, 0.99, False)  # under an earlier policy
+    table = RouteTable(Config(gateway=GatewaySettings(data_dir=str(data_dir))),
+                       on_change=lambda change: store.append("route_changes", change.to_record()))
+    table.set(PATH, RoutePolicy(mode="canary", adapter="v1", share=10, threshold=0.8,
+                                ramp={**RAMP, "window": 4, "min_samples": 4}), actor="test", reason="test")
+    compared("old-1", 1, 0.95, True)  # slides out of the window of 4
+    compared("low", 2, 0.5, False)  # a shadow answer under the threshold: not one the route serves
+    compared("audit", 3, 0.4, True, kind="audit")  # an audited local answer counts whatever its confidence
+    compared("wrong", 4, 0.9, False)
+    compared("reviewed", 5, 0.9, False)
+    compared("timeout", 6, 0.9, None)  # not compared
+    compared("v0", 7, 0.9, False, adapter=f"{PATH}/v0")
+    compared("last", 8, 0.85, True)
+    store.append("reviews", {"review_id": "r1", "ts": now, "shadow_id": "reviewed", "path": PATH,
+                             "adapter": f"{PATH}/v1", "verdict": "upstream_wrong"})
+    return table.revision(PATH)
+
+
+def test_the_windows_are_rebuilt_from_the_store_with_their_verdicts(tmp_path):
+    store = CaptureStore(tmp_path)
+    store.open()
+    revision = stored_history(tmp_path, store)
+    evidence = RampEvidence()
+    assert restore_from_store(evidence, RouteTable(Config(gateway=GatewaySettings(data_dir=str(tmp_path)))),
+                              tmp_path) == 1
+    assert evidence.counts(PATH, revision) == Counts(4, 3), "audit, wrong, reviewed (upstream wrong), last"
+    assert evidence.overrule(PATH, "wrong", upstream_wrong=True) == (revision, Counts(4, 4))
+    assert evidence.overrule(PATH, "old-1", upstream_wrong=True) is None, "outside the window"
+    store.close()
+
+
+def test_no_store_or_an_unreadable_one_starts_the_evidence_empty(tmp_path):
+    table = RouteTable(Config(gateway=GatewaySettings(data_dir=str(tmp_path))))
+    table.set(PATH, RoutePolicy(mode="shadow", adapter="v1"), actor="test", reason="test")
+    assert restore_from_store(RampEvidence(), table, tmp_path) == 0
+    store = CaptureStore(tmp_path)
+    store.open()
+    store.close()
+    (tmp_path / "shadow" / PARQUET_DIR).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "shadow" / PARQUET_DIR / "broken.parquet").write_bytes(b"PAR1 not parquet PAR1")
+    evidence = RampEvidence()
+    assert restore_from_store(evidence, table, tmp_path) == 0
+    assert evidence.counts(PATH, table.revision(PATH)) == Counts(0, 0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_restarted_gateway_reports_the_evidence_it_had(tmp_path, workers):
+    data_dir = tmp_path / "data"
+    store = CaptureStore(data_dir)
+    store.open()
+    stored_history(data_dir, store)
+    store.close()
+    process = gateway(tmp_path, data_dir, "--dev", "--workers", str(workers)).start()
+    try:
+        for _ in range(4):  # whichever worker answers
+            reply = httpx.get(f"{process.url}/admin/routes/{PATH}", headers={"Authorization": "Bearer dev"}, timeout=10)
+            assert {k: reply.json()["status"]["evidence"][k] for k in ("n", "agreed")} == {"n": 4, "agreed": 3}
+    finally:
+        process.stop()
