@@ -22,10 +22,10 @@ from gateway.completions.routes import completions
 from gateway.embeddings.routes import embeddings
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.limits import SHARED_LIMITS_ENV, shared_limits_in
-from gateway.ramp_evidence import SHARED_RAMP_ENV, shared_evidence_in
 from gateway.metrics import multiprocess_metrics_folder
 from gateway.models.routes import list_models, retrieve_model
 from gateway.openapi import openapi_config
+from gateway.ramp_evidence import SHARED_RAMP_ENV, shared_evidence_in
 from gateway.service import Gateway
 
 CONFIG_ENV = "ARBITRAGE_WORKER_CONFIG"

@@ -34,11 +34,11 @@ from arbitrage.pricing import PriceBook
 from gateway import shadow_report
 from gateway.auth import Authenticator
 from gateway.limits import SHARED_LIMITS_ENV, Quotas
-from gateway.ramp_evidence import ramp_evidence, restore_from_store
 from gateway.local import BackgroundWork, LocalBackend
 from gateway.metrics import Metrics
 from gateway.paths import METADATA_KEY, PATH_HEADER, derived_path, explicit_path
 from gateway.proxy import Call, Proxy, StreamAssembler
+from gateway.ramp_evidence import ramp_evidence, restore_from_store
 from gateway.route_table import RouteTable
 from gateway.routing import Router, answer_text, upstream_json
 from gateway.upstream import TRANSPORT_ERRORS, Upstream, UpstreamPool
