@@ -162,19 +162,23 @@ def _text(table) -> str:
 def _row(path: str, entry: dict[str, Any]) -> list[str]:
     p = entry["policy"]
     return [path, p["mode"], f"{p['share']:g}%", f"{p['threshold']:g}", p["adapter"] or "-",
-            p["comparator"]["name"], str(entry.get("history", 0)), _ramp_evidence(p, entry.get("status") or {}),
+            p["comparator"]["name"], str(entry.get("history", 0)), render_ramp_evidence(p, entry.get("status") or {}),
             _calibrated(entry.get("status") or {})]
 
 
-def _ramp_evidence(policy: dict[str, Any], status: dict[str, Any]) -> str:
-    """What the ramp decides on: agreed of compared under the policy in force, and the Wilson
-    lower bound it holds against the target."""
-    if not policy["ramp"]["enabled"]:
+def render_ramp_evidence(policy: dict[str, Any], status: dict[str, Any]) -> str:
+    """What the ramp decides on: agreed of compared under the policy in force, the Wilson lower
+    bound it holds against the target, and what it waits for."""
+    ramp = policy["ramp"]
+    if not ramp["enabled"]:
         return "ramp off"
     evidence = status.get("evidence")
     if not evidence:
         return "none yet"
-    return f"{evidence['agreed']}/{evidence['n']}, lower {evidence['lower']:.3f}"
+    waiting = {"too_few_samples": f"needs {ramp['min_samples']}", "within_bounds": f"target {ramp['target']:g}",
+               "at_top": "top step", "below_floor": f"under floor {ramp['floor']:g}"}.get(evidence.get("ramp"))
+    shown = f"{evidence['agreed']}/{evidence['n']}, lower {evidence['lower']:.3f}"
+    return f"{shown} ({waiting})" if waiting else shown
 
 
 def _calibrated(status: dict[str, Any]) -> str:
@@ -282,7 +286,7 @@ def review(path, comparison, verdict, note, verdicts_file, url, admin_key, confi
     what = f"comparison {comparison} reviewed {verdict}" if not verdicts_file else f"{len(verdicts)} verdicts recorded"
     status = entry.get("status") or {}
     click.echo(f"{path}: {what}; calibrated threshold now {_calibrated(status)}; "
-               f"ramp evidence now {_ramp_evidence(entry['policy'], status)}")
+               f"ramp evidence now {render_ramp_evidence(entry['policy'], status)}")
 
 
 def read_verdicts(file: str) -> list[dict[str, str]]:

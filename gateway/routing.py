@@ -370,9 +370,10 @@ class Router:
         except StoreError as exc:
             facts["evidence_error"] = str(exc)
             return facts
-        if n:
+        if n:  # and what the ramp makes of it now ("too_few_samples", "within_bounds", "at_top", ...)
             low, high = wilson(agreed, n, policy.ramp.z)
-            facts["evidence"] = {"n": n, "agreed": agreed, "rate": agreed / n, "lower": low, "upper": high}
+            facts["evidence"] = {"n": n, "agreed": agreed, "rate": agreed / n, "lower": low, "upper": high,
+                                 "ramp": next_share(policy, Counts(n, agreed)).reason}
         return facts
 
 

@@ -166,7 +166,7 @@ def test_a_reviewed_upstream_mistake_counts_in_the_ramps_evidence_at_once(routed
         return arbitrage("route", "review", INTENTS_PATH, shadow_id, "--verdict", "upstream_wrong",
                          "--url", routed.process.url, "--admin-key", "dev").stdout
 
-    assert "ramp evidence now 3/4, lower 0.301" in review(disagreed[0]), "3 of 4: the lower bound is under 0.5"
+    assert "ramp evidence now 3/4, lower 0.301 (target 0.5)" in review(disagreed[0]), "3 of 4: under the target"
     assert routed.route_status()["policy"]["mode"] == "shadow"
     assert "ramp evidence now none yet" in review(disagreed[1]), "4 of 4 raised the share: a new policy's evidence"
     assert (routed.route_status()["policy"]["mode"], routed.route_status()["policy"]["share"]) == ("canary", 50.0)
@@ -200,7 +200,7 @@ def test_two_workers_ramp_once_on_their_comparisons_together(sim, vllm, intents_
         reports = [routed.route_status().get("evidence", {}).get("n") for _ in range(6)]
         assert reports == [2] * 6, "every answer of the admin API, whichever worker gives it, counts both"
         shown = arbitrage("route", "show", "--url", routed.process.url, "--admin-key", "dev").stdout
-        assert "2/2, lower 0.342" in shown, shown
+        assert "2/2, lower 0.342 (needs 8)" in shown, shown
     finally:
         routed.process.stop()
 

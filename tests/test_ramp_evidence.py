@@ -179,6 +179,7 @@ def test_two_workers_raise_once_on_their_comparisons_together(tmp_path):
     assert (one.evidence(), two.evidence()) == (0, 0), "the canary policy's evidence starts afresh"
     stale.compared(True)
     assert (one.evidence(), two.evidence()) == (1, 1), "both workers report the one comparison"
+    assert one.router.status(PATH)["evidence"]["ramp"] == "too_few_samples"
 
 
 def test_a_decision_on_a_policy_another_worker_changed_meanwhile_is_dropped(tmp_path):
@@ -222,6 +223,7 @@ def test_a_review_counts_in_the_ramps_window_and_the_ramp_decides_on_it_at_once(
     worker = Worker(tmp_path, RampEvidence())
     ids = [worker.compared(agreed) for agreed in [False] * 3 + [True] * 7]
     assert worker.table.get(PATH).mode == "shadow", "7 of 10 agreeing: the lower bound stays under 0.5"
+    assert worker.router.status(PATH)["evidence"]["ramp"] == "within_bounds", "what route show says it waits for"
     assert worker.router.review_evidence(PATH, ids[0], "upstream_wrong") is True
     assert worker.table.get(PATH).mode == "shadow"
     assert worker.router.review_evidence(PATH, ids[1], "ambiguous") is True, "in the window, counted as judged"

@@ -17,6 +17,7 @@ import pytest
 from arbitrage.capture import migrations
 from arbitrage.capture.location import PARQUET_DIR
 from arbitrage.capture.store import CaptureStore
+from arbitrage.route_command import render_ramp_evidence
 from gateway import shadow_report
 from gateway.shadow_report import request_input
 from router.policy import RoutePolicy
@@ -70,6 +71,21 @@ def test_show_prints_a_table_of_the_policies(admin):
     assert ["support/intents", "canary", "10%", "0.8", "v1", "exact"] == row[:6]
     assert row[7:9] == ["none", "yet"], "no comparisons yet: the ramp has no evidence"
     assert row[9:] == ["not", "yet", "(0", "compared)"], "no shadow comparisons yet: no calibrated threshold"
+
+
+def test_the_ramp_evidence_column_says_what_the_ramp_waits_for():
+    ramp = RoutePolicy(mode="canary", adapter="v1", share=5).to_dict()
+    off = RoutePolicy(mode="canary", adapter="v1", share=5, ramp={"enabled": False}).to_dict()
+
+    def cell(reason: str | None, policy: dict = ramp) -> str:
+        evidence = {"n": 40, "agreed": 39, "lower": 0.8714, "ramp": reason}
+        return render_ramp_evidence(policy, {"evidence": evidence} if reason else {})
+
+    assert cell("too_few_samples") == "39/40, lower 0.871 (needs 200)"
+    assert cell("within_bounds") == "39/40, lower 0.871 (target 0.99)"
+    assert cell("at_top") == "39/40, lower 0.871 (top step)"
+    assert cell("below_floor") == "39/40, lower 0.871 (under floor 0.95)"
+    assert cell(None) == "none yet" and cell("within_bounds", off) == "ramp off"
 
 
 def test_show_json_of_one_path(admin):
