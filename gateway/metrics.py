@@ -116,6 +116,9 @@ class Metrics:
                                ["path"], registry=r, multiprocess_mode=SHARED)
         self.agreement_lower = Gauge("arbitrage_agreement_lower_bound",
                                      "Wilson lower bound of the recent agreement.", ["path"], registry=r, multiprocess_mode=SHARED)
+        self.ramp_samples = Gauge("arbitrage_ramp_samples", "Comparisons in the ramp's evidence under the path's "
+                                  "policy in force (it raises the share from ramp.min_samples).", ["path"], registry=r,
+                                  multiprocess_mode=SHARED)
         self.agreement_target = Gauge("arbitrage_agreement_target", "Agreement the ramp needs to raise the share.",
                                       ["path"], registry=r, multiprocess_mode=SHARED)
         self.agreement_floor = Gauge("arbitrage_agreement_floor", "Agreement below which the ramp rolls back.",

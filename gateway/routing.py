@@ -341,13 +341,18 @@ class Router:
 
     def _agreement_metrics(self, path: str, policy: RoutePolicy, counts: Counts) -> None:
         label = self.metrics.path_label(path)
+        self.metrics.ramp_samples.labels(label).set(counts.n)
         if counts.n:
             self.metrics.agreement.labels(label).set(counts.agreed / counts.n)
             self.metrics.agreement_lower.labels(label).set(wilson(counts.agreed, counts.n, policy.ramp.z)[0])
 
     def publish_policy(self, path: str, policy: RoutePolicy) -> None:
-        """The policy's gauges: share, mode, target and floor."""
+        """The policy's gauges: share, mode, target and floor, and its ramp evidence so far."""
         label = self.metrics.path_label(path)
+        try:
+            self._agreement_metrics(path, policy, self.evidence.counts(path, self.table.revision(path)))
+        except StoreError as exc:
+            log.error("the ramp evidence of %s was not read: %s", path, exc)
         self.metrics.share.labels(label).set(policy.share)
         for mode in ("off", "shadow", "canary", "local"):
             self.metrics.mode.labels(label, mode).set(1 if mode == policy.mode else 0)

@@ -164,6 +164,11 @@ def routing() -> db.Dashboard:
             query("max by (path) (arbitrage_agreement_target)", "{{path}} target"),
             query("max by (path) (arbitrage_agreement_floor)", "{{path}} floor"), local=True))
         .with_panel(series(
+            "Ramp evidence", "Comparisons the ramp counts under each path's policy in force: it starts afresh at "
+            "every change of the policy and raises the share from ramp.min_samples on (arbitrage route show has "
+            "what it waits for).", "none",
+            query("max by (path) (arbitrage_ramp_samples)", "{{path}} comparisons"), local=True))
+        .with_panel(series(
             "Shadow and audit comparisons", "Comparisons per second by kind and outcome, and the work dropped: "
             "queue_full when more arrive than [local] shadow_concurrency and shadow_queue allow, error when a "
             "comparison failed.", "ops",

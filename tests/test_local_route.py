@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -86,8 +87,6 @@ def _last_request_id(data_dir: Path) -> str:
 
 
 def client_metrics(process) -> str:
-    import httpx
-
     return httpx.get(f"{process.url}/metrics", headers={"Authorization": "Bearer dev"}, timeout=10).text
 
 
@@ -201,13 +200,13 @@ def test_two_workers_ramp_once_on_their_comparisons_together(sim, vllm, intents_
         assert reports == [2] * 6, "every answer of the admin API, whichever worker gives it, counts both"
         shown = arbitrage("route", "show", "--url", routed.process.url, "--admin-key", "dev").stdout
         assert "2/2, lower 0.342 (needs 8)" in shown, shown
+        metrics = client_metrics(routed.process)
+        assert f'arbitrage_ramp_samples{{path="{INTENTS_PATH}"}} 2.0' in metrics, "the dashboard's ramp evidence"
     finally:
         routed.process.stop()
 
 
 def _shown_disagreements(routed, count: int) -> dict:
-    import httpx
-
     reply = httpx.get(f"{routed.process.url}/admin/routes/{INTENTS_PATH}", params={"disagreements": count},
                       headers={"Authorization": "Bearer dev"}, timeout=10)
     return reply.json()["status"]["disagreements"]
