@@ -3,8 +3,8 @@
 Outcomes count per policy revision (``RouteTable.revision``: the change that put the policy in
 force), so every change of the policy, by the ramp or by hand, starts the evidence afresh, and
 an outcome of a comparison made under an earlier policy is never counted for a later one. Of a
-revision's outcomes, the last ``ramp.window`` count, with their running counts (as
-``AgreementWindow`` keeps them), so an outcome costs the same at any window.
+revision's outcomes, the last ``ramp.window`` count, kept with their running counts, so an
+outcome costs the same at any window.
 
 A person's verdict on a comparison still in the window counts as the calibration counts it
 (``overrule``): reviewed ``upstream_wrong``, it agreed; any later verdict restores what the
@@ -59,7 +59,7 @@ class RampEvidence:
 
     def __init__(self, path: Path | None = None) -> None:
         self.shared = path is not None
-        self.file = SharedSQLite(path or Path(":memory:"), "the workers' shared ramp evidence")
+        self.file = SharedSQLite(path or Path(":memory:"), "the ramp's evidence")
         with self.file.transaction() as db:
             db.execute("CREATE TABLE IF NOT EXISTS outcomes (seq INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT, "
                        "revision TEXT, shadow_id TEXT, judged INTEGER, agreed INTEGER)")

@@ -1,10 +1,10 @@
 """Ramp controller: raise a path's local share step by step on evidence, roll it back on bad news.
 
 Pure: given the policy and the agreement evidence gathered under it (``gateway.ramp_evidence``
-keeps it per policy revision, for every worker), say what to do. ``raise`` when the Wilson lower bound of agreement is >= ``ramp.target`` with at
-least ``ramp.min_samples`` comparisons; ``rollback`` (to shadow mode, share 0) when the upper
-bound is < ``ramp.floor``, however few the comparisons (a low upper bound is already strong
-evidence); otherwise ``hold``. Shadow -> canary on the first step, canary -> local at 100.
+keeps it per policy revision, for every worker), say what to do. ``raise`` when the Wilson lower
+bound of agreement is >= ``ramp.target`` with at least ``ramp.min_samples`` comparisons;
+``rollback`` (to shadow mode, share 0) when the upper bound is < ``ramp.floor``, however few the
+comparisons (a low upper bound is already strong evidence); otherwise ``hold``. Shadow -> canary on the first step, canary -> local at 100.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from router.stats import wilson
 
 
 class Evidence(Protocol):
-    """Agreement counts under the policy in force (an ``AgreementWindow`` is one; the gateway
-    keeps them per policy revision, ``gateway.ramp_evidence``)."""
+    """Agreement counts under the policy in force (``gateway.ramp_evidence.Counts`` is one)."""
 
     @property
     def n(self) -> int: ...

@@ -24,7 +24,6 @@ from gateway.ramp_evidence import Counts, RampEvidence, restore_from_store
 from gateway.route_table import ROUTES_FILE, RouteTable
 from gateway.routing import Router
 from router.policy import RoutePolicy
-from router.stats import AgreementWindow
 from tests.processes import gateway
 
 PATH = "support/intents"
@@ -55,10 +54,9 @@ def test_the_running_counts_match_the_window_recounted(evidence):
     rng = random.Random(7)
     outcomes = [rng.random() < p for p in [0.9] * 120 + [0.3] * 80]
     assert 0 < sum(outcomes) < len(outcomes)
-    window = AgreementWindow(17)
-    for agreed in outcomes:
-        window.add(agreed)
-        assert evidence.add(PATH, "r1", next_id(), agreed, window=17) == Counts(window.n, window.agreed)
+    for i, agreed in enumerate(outcomes):
+        last = outcomes[max(0, i - 16):i + 1]  # the reference: the last 17 outcomes, recounted
+        assert evidence.add(PATH, "r1", next_id(), agreed, window=17) == Counts(len(last), sum(last))
 
 
 def test_a_new_revision_starts_afresh_and_forget_keeps_only_the_current_one(evidence):
@@ -118,7 +116,7 @@ def test_processes_adding_at_once_lose_no_outcome(tmp_path):
 
 
 def test_an_unusable_file_is_a_store_error(tmp_path):
-    with pytest.raises(StoreError, match="shared ramp evidence"):
+    with pytest.raises(StoreError, match="the ramp's evidence"):
         RampEvidence(tmp_path / "missing" / "ramp.sqlite")
 
 

@@ -6,7 +6,6 @@ from typing import NamedTuple
 
 from router.policy import RampSettings, RoutePolicy
 from router.ramp import next_share
-from router.stats import AgreementWindow
 
 
 class Counts(NamedTuple):
@@ -75,17 +74,13 @@ def test_decision_carries_its_evidence():
     assert 0.96 < evidence["lower"] < 0.98 < evidence["upper"] < 0.995
 
 
-def test_a_window_of_outcomes_raises_and_then_a_fresh_one_rolls_back():
-    shadow, window = policy("shadow"), AgreementWindow(1000)
-    for _ in range(400):
-        window.add(True)
-    decision = next_share(shadow, window)
+def test_a_raise_then_fresh_evidence_that_rolls_back():
+    shadow = policy("shadow")
+    decision = next_share(shadow, Counts(400, 400))
     assert decision.action == "raise"
-    canary, window = decision.apply(shadow), AgreementWindow(1000)  # a new policy starts its evidence afresh
+    canary = decision.apply(shadow)  # a new policy: its evidence starts afresh
     assert (canary.mode, canary.share) == ("canary", 1.0)
-    assert next_share(canary, window).reason == "too_few_samples"
-    for _ in range(20):
-        window.add(False)
-    decision = next_share(canary, window)
+    assert next_share(canary, Counts(0, 0)).reason == "too_few_samples"
+    decision = next_share(canary, Counts(20, 0))
     assert decision.action == "rollback"
     assert (decision.apply(canary).mode, decision.apply(canary).share) == ("shadow", 0.0)

@@ -1,10 +1,10 @@
-"""Wilson bounds against known values, and the agreement window."""
+"""Wilson bounds against known values."""
 
 from __future__ import annotations
 
 import pytest
 
-from router.stats import AgreementWindow, wilson
+from router.stats import wilson
 
 
 @pytest.mark.parametrize(
@@ -34,23 +34,3 @@ def test_wilson_narrows_with_z_and_samples():
 def test_wilson_rejects_impossible_counts(successes, n):
     with pytest.raises(ValueError):
         wilson(successes, n)
-
-
-def test_window_keeps_only_the_last_outcomes():
-    window = AgreementWindow(window=3)
-    for agreed in (False, False, True, True, True):
-        window.add(agreed)
-    assert (window.n, window.agreed, window.rate) == (3, 3, 1.0)
-    window.add(False)
-    assert (window.n, window.agreed) == (3, 2)
-    assert window.bounds() == wilson(2, 3)
-
-
-def test_empty_and_reset_window():
-    window = AgreementWindow(window=10)
-    assert (window.n, window.rate, window.bounds()) == (0, None, (0.0, 1.0))
-    window.add(True)
-    window.reset()
-    assert (window.n, window.agreed) == (0, 0)
-    with pytest.raises(ValueError):
-        AgreementWindow(window=0)
