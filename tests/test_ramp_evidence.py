@@ -169,7 +169,7 @@ def test_two_workers_raise_once_on_their_comparisons_together(tmp_path):
     [change] = one.changes + two.changes
     assert (change.actor, change.action, change.evidence["n"], change.evidence["agreed"]) == ("ramp", "raise", 10, 10)
     # The worker that did not raise has not re-read routes.json yet: its comparisons still count under
-    # the old policy, whose evidence the raise dropped.
+    # the old policy (11 of them now), and its ramp's decision on them must not raise the share again.
     stale = two if change in one.changes else one
     stale.compared(True)
     assert len(ramp_raises(tmp_path)) == 1 and len(one.changes + two.changes) == 1
