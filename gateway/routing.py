@@ -20,6 +20,7 @@ cost of a sample.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -340,11 +341,14 @@ class Router:
             log.error("old ramp evidence of %s not dropped: %s", path, exc)
 
     def _agreement_metrics(self, path: str, policy: RoutePolicy, counts: Counts) -> None:
+        """The ramp's evidence as gauges; without any (a new policy), agreement and its bound are NaN,
+        a gap on the dashboard rather than the previous policy's numbers."""
         label = self.metrics.path_label(path)
         self.metrics.ramp_samples.labels(label).set(counts.n)
-        if counts.n:
-            self.metrics.agreement.labels(label).set(counts.agreed / counts.n)
-            self.metrics.agreement_lower.labels(label).set(wilson(counts.agreed, counts.n, policy.ramp.z)[0])
+        rate = counts.agreed / counts.n if counts.n else math.nan
+        self.metrics.agreement.labels(label).set(rate)
+        self.metrics.agreement_lower.labels(label).set(
+            wilson(counts.agreed, counts.n, policy.ramp.z)[0] if counts.n else math.nan)
 
     def publish_policy(self, path: str, policy: RoutePolicy) -> None:
         """The policy's gauges: share, mode, target and floor, and its ramp evidence so far."""

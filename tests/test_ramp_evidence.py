@@ -6,6 +6,7 @@ from the capture store when a gateway starts (one worker or two)."""
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import random
 from datetime import UTC, datetime, timedelta
@@ -136,6 +137,10 @@ class Worker:
         self.router = Router(self.table, LocalBackend(LocalSettings(), metrics), None, None, None, metrics, None,
                              evidence)
 
+    def gauge(self, name: str) -> float:
+        """A gauge of this worker's metrics for the path."""
+        return self.router.metrics.registry.get_sample_value(name, {"path": PATH})
+
     def evidence(self) -> int:
         """How many comparisons ``route show`` reports as the ramp's evidence, through this worker."""
         return self.router.status(PATH).get("evidence", {"n": 0})["n"]
@@ -173,10 +178,14 @@ def test_two_workers_raise_once_on_their_comparisons_together(tmp_path):
     stale = two if change in one.changes else one
     stale.compared(True)
     assert len(ramp_raises(tmp_path)) == 1 and len(one.changes + two.changes) == 1
+    raiser = one if stale is two else two
+    assert raiser.gauge("arbitrage_ramp_samples") == 0 and math.isnan(raiser.gauge("arbitrage_agreement_ratio")), \
+        "the dashboard shows a gap, not the shadow policy's agreement"
     stale.table.refresh()  # as every worker does each second
     assert (one.evidence(), two.evidence()) == (0, 0), "the canary policy's evidence starts afresh"
     stale.compared(True)
     assert (one.evidence(), two.evidence()) == (1, 1), "both workers report the one comparison"
+    assert (stale.gauge("arbitrage_ramp_samples"), stale.gauge("arbitrage_agreement_ratio")) == (1, 1.0)
     assert one.router.status(PATH)["evidence"]["ramp"] == "too_few_samples"
 
 
