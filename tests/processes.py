@@ -3,13 +3,29 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from arbitrage.server_process import ARBITRAGE, ServerProcess, free_port
 
-__all__ = ["ARBITRAGE", "ServerProcess", "arbitrage", "ctrl_c_works", "free_port", "gateway", "simulator"]
+__all__ = ["ARBITRAGE", "ServerProcess", "arbitrage", "at_once", "ctrl_c_works", "free_port", "gateway", "simulator"]
+
+
+def at_once(target: Callable, *args, processes: int = 3, timeout: float = 120) -> list:
+    """Run ``target(*args, start, queue)`` in ``processes`` fresh (spawned) processes that begin
+    together (``start.wait()``); what each put on ``queue``."""
+    context = multiprocessing.get_context("spawn")
+    queue, start = context.Queue(), context.Barrier(processes)
+    workers = [context.Process(target=target, args=(*args, start, queue)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=timeout) for _ in workers]
+    for worker in workers:
+        worker.join(30)
+    return results
 
 
 def ctrl_c_works() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +24,7 @@ from gateway.limits import (
     spend_from_store,
 )
 from tests.conftest import UPSTREAM_KEY
-from tests.processes import arbitrage, gateway
+from tests.processes import arbitrage, at_once, gateway
 
 MESSAGES = [{"role": "user", "content": "I am still waiting on my card?"}]
 
@@ -134,14 +133,7 @@ def _take_tokens(path: str, tokens: int, start, queue) -> None:
 def test_processes_taking_at_once_get_exactly_the_buckets_tokens(tmp_path):
     path = tmp_path / "limits.sqlite"
     SharedLimits(path).close()
-    context = multiprocessing.get_context("spawn")
-    queue, start = context.Queue(), context.Barrier(3)
-    takers = [context.Process(target=_take_tokens, args=(str(path), 700, start, queue)) for _ in range(3)]
-    for taker in takers:
-        taker.start()
-    taken = [queue.get(timeout=120) for _ in takers]
-    for taker in takers:
-        taker.join(30)
+    taken = at_once(_take_tokens, str(path), 700)
     assert sum(taken) == 1000, f"2,100 tries at a 1,000-token bucket took {taken}"
 
 

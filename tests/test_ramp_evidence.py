@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import random
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +24,7 @@ from gateway.ramp_evidence import Counts, RampEvidence, restore_from_store
 from gateway.route_table import ROUTES_FILE, RouteTable
 from gateway.routing import Router
 from router.policy import RoutePolicy
-from tests.processes import gateway
+from tests.processes import at_once, gateway
 
 PATH = "support/intents"
 _ids = iter(range(10**9))
@@ -105,14 +104,7 @@ def _add_outcomes(path: str, count: int, start, queue) -> None:
 def test_processes_adding_at_once_lose_no_outcome(tmp_path):
     path = tmp_path / "ramp.sqlite"
     RampEvidence(path).close()
-    context = multiprocessing.get_context("spawn")
-    queue, start = context.Queue(), context.Barrier(3)
-    adders = [context.Process(target=_add_outcomes, args=(str(path), 300, start, queue)) for _ in range(3)]
-    for adder in adders:
-        adder.start()
-    for adder in adders:  # each says when it is done
-        queue.get(timeout=60)
-        adder.join(10)
+    at_once(_add_outcomes, str(path), 300)
     assert RampEvidence(path).counts(PATH, "r1") == Counts(900, 450), "a lost update would count fewer"
 
 
