@@ -236,7 +236,7 @@ class Router:
                 answer = await self.ask_local(path, policy, body)
             except LocalError as exc:
                 self._write_shadow(path, policy, request_id, "shadow", upstream_text, None, None, None, 0.0,
-                                   (time.perf_counter() - started) * 1000, f"{exc.reason}: {exc}")
+                                   (time.perf_counter() - started) * 1000, f"{exc.reason}: {exc}", servable=False)
                 return
             await self._compare(path, policy, request_id, "shadow", upstream_text, answer.text, answer.confidence,
                                 0.0, answer.latency_ms, counts=answer.served)
@@ -254,7 +254,8 @@ class Router:
                 text = response["choices"][0]["message"].get("content") or ""
             except Exception as exc:  # noqa: BLE001 - an audit that fails is recorded, never raised
                 self._write_shadow(call.path, policy, call.request_id, "audit", None, local_text, confidence, None,
-                                   None, (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}"[:300])
+                                   None, (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}"[:300],
+                                   servable=True)
                 return
             await self._compare(call.path, policy, call.request_id, "audit", text, local_text, confidence, cost,
                                 (time.perf_counter() - started) * 1000, counts=True)
@@ -267,7 +268,8 @@ class Router:
         comparison: Comparison = await self._comparator(path, policy).acompare(upstream_text, local_text)
         agreed = comparison.agreed if comparison.comparable else None
         shadow_id = self._write_shadow(path, policy, request_id, kind, upstream_text, local_text, confidence, agreed,
-                                       cost, latency_ms, None if comparison.comparable else comparison.detail)
+                                       cost, latency_ms, None if comparison.comparable else comparison.detail,
+                                       servable=counts)
         label = self.metrics.path_label(path)
         if cost:
             self.metrics.shadow_cost.labels(label, kind).inc(cost)
@@ -278,12 +280,13 @@ class Router:
             self._ramp_evidence(path, policy, shadow_id, comparison.agreed)
 
     def _write_shadow(self, path, policy, request_id, kind, upstream_text, local_text, confidence, agreed, cost,
-                      latency_ms, error) -> str:
-        """Record one comparison (or its failure) in the ``shadow`` table; its id."""
+                      latency_ms, error, *, servable: bool) -> str:
+        """Record one comparison (or its failure) in the ``shadow`` table; its id. ``servable``: the local
+        answer is one the route serves (what the ramp counts)."""
         row = {"shadow_id": os.urandom(8).hex(), "ts": datetime.now(UTC), "request_id": request_id, "path": path,
                "adapter": self.served_name(path, policy), "kind": kind, "comparator": policy.comparator.name,
                "upstream_answer": upstream_text, "local_answer": local_text, "confidence": confidence,
-               "agreed": agreed, "cost_usd": cost, "latency_ms": latency_ms, "error": error}
+               "agreed": agreed, "cost_usd": cost, "latency_ms": latency_ms, "error": error, "servable": servable}
         try:
             self.store.append("shadow", row)
         except StoreError as exc:

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from arbitrage.config import load_config
+from gateway.ramp_evidence import Counts, RampEvidence, restore_from_store
 from gateway.route_table import RouteTable
 from tests.conftest import (
     CARD_ARRIVAL,
@@ -172,6 +173,28 @@ def test_a_reviewed_upstream_mistake_counts_in_the_ramps_evidence_at_once(routed
     changes = json.loads(arbitrage("sql", "SELECT evidence FROM route_changes WHERE actor = 'ramp' "
                                    "ORDER BY ts DESC LIMIT 1", "--json", "--data-dir", str(data_dir)).stdout)
     assert {k: json.loads(changes[0]["evidence"])[k] for k in ("n", "agreed")} == {"n": 4, "agreed": 4}
+
+
+def test_a_shadow_answer_that_fails_the_output_check_is_recorded_but_never_counted_in_the_ramp(routed):
+    """The ramp counts answers the route would serve; the ``servable`` column records which those
+    were, so the evidence rebuilt at a restart leaves the others out too."""
+    data_dir = routed.data_dir
+    ramp = {"steps": [50.0, 100.0], "target": 0.3, "floor": 0.05, "min_samples": 2, "window": 50}
+    routed.set_policy(mode="shadow", share=0.0, threshold=0.0, output="json", shadow_rate=1.0,
+                      json_schema={"type": "object", "required": ["label"]}, comparator={"name": "json"}, ramp=ramp)
+    before = len(shadow_rows(data_dir))
+    for text in CARDS[22:24]:  # upstream and the adapter both answer card_arrival, without a "label" key
+        routed.ask(text)
+    rows = _wait_for(lambda: shadow_rows(data_dir)[before:], 2)
+    assert [(r["agreed"], r["servable"]) for r in rows] == [(True, False)] * 2
+    status = routed.route_status()
+    assert (status["policy"]["mode"], status.get("evidence", {}).get("n", 0)) == ("shadow", 0)
+    config = load_config(routed.config, data_dir=str(data_dir))
+    table = RouteTable(config)
+    rebuilt = RampEvidence()
+    restore_from_store(rebuilt, table, data_dir)
+    assert rebuilt.counts(INTENTS_PATH, table.revision(INTENTS_PATH)) == Counts(0, 0), \
+        "agreeing answers above the threshold, but not ones the route serves"
 
 
 def test_two_workers_ramp_once_on_their_comparisons_together(sim, vllm, intents_adapter, tmp_path):

@@ -129,6 +129,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             ("note", pa.string()),
         ),
     ),
+    Migration(
+        "0006_shadow_servable",
+        "shadow",
+        (
+            # the local answer is one the route serves: every audited one; a shadow answer at or above the
+            # threshold that passed the output check. Only these count in the ramp's evidence.
+            ("servable", pa.bool_()),
+        ),
+    ),
 )
 
 
