@@ -113,11 +113,6 @@ def report(manifest: dict, folder) -> None:
         click.echo(f"published the mean of the weights after steps {average['first_step']}-{average['last_step']} "
                    f"({average['steps']} steps; the last step's eval loss: "
                    f"{f'{last:.4f}' if last is not None else 'n/a'})", err=True)
-    if "unlikely_answers_dropped" in metrics:
-        config = manifest["config"]
-        click.echo(f"left {metrics['unlikely_answers_dropped']} answers the model gave less than "
-                   f"{config['drop_unlikely']:g} out of the loss (past {config['drop_from']:.0%} of the run; "
-                   "an example counted each step it was)", err=True)
     speed = f"{timing['tokens_per_s']:.0f} tokens/s" if timing["tokens_per_s"] else "no steps run"
     precision = "bf16 autocast" if manifest["precision"]["bf16"] else "float32"
     if manifest["precision"].get("attention"):

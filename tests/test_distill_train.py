@@ -265,19 +265,14 @@ def test_weight_averaging_publishes_the_mean_of_the_weights_after_the_runs_last_
     assert result.manifest["config"]["average_from"] == 0.5
 
 
-def test_a_run_that_drops_unlikely_answers_says_how_many(tmp_path, models_dir, base_folder, capsys):
-    from distill.train_command import report
-
+def test_a_run_that_drops_unlikely_answers_says_how_many_in_its_manifest(tmp_path, models_dir, base_folder):
     write_version(tmp_path)
     result = run_train(tmp_path, models_dir, max_steps=2, drop_unlikely=0.999, drop_from=0.5)
     metrics = result.manifest["metrics"]
-    dropped = metrics["unlikely_answers_dropped"]
-    assert 1 <= dropped <= FAST["batch_size"], "of the second step's examples, which a 1-step model does not give 0.999"
+    assert 1 <= metrics["unlikely_answers_dropped"] <= 2 * FAST["batch_size"], \
+        "the second step's examples, which a 1-step model does not give 0.999"
     assert (result.manifest["config"]["drop_unlikely"], result.manifest["config"]["drop_from"]) == (0.999, 0.5)
     assert math.isfinite(metrics["train_loss"])
-    report(result.manifest, result.folder)
-    assert f"left {dropped} answers the model gave less than 0.999 out of the loss (past 50% of the run" \
-        in capsys.readouterr().err
 
 
 def test_an_interrupted_run_carries_its_weight_average_through_the_checkpoint(tmp_path, models_dir, base_folder):
