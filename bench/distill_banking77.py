@@ -264,8 +264,6 @@ def recipe_args(args, max_steps: int | None = None) -> list[str]:
         options += ["--average-from", str(args.average_from)]
     if args.weight_decay:
         options += ["--weight-decay", str(args.weight_decay)]
-    if args.drop_unlikely:
-        options += ["--drop-unlikely", str(args.drop_unlikely), "--drop-from", str(args.drop_from)]
     max_steps = max_steps or args.max_steps
     return options + (["--max-steps", str(max_steps)] if max_steps else ["--epochs", str(args.epochs)])
 
@@ -575,10 +573,6 @@ def parse(argv: list[str]):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--loraplus-ratio", type=float, help="LoRA+: B matrices at this many times --lr [plain LoRA]")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on the LoRA weights")
-    p.add_argument("--drop-unlikely", type=float,
-                   help="leave out of the loss answers the model gives less than this probability (distill train "
-                        "--drop-unlikely) [every example counts]")
-    p.add_argument("--drop-from", type=float, default=0.4, help="share of the run after which --drop-unlikely applies")
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--schedule", default="linear")
     p.add_argument("--epochs", type=float, default=2.4,

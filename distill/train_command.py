@@ -66,8 +66,6 @@ def base(models_dir) -> None:
 @field_option(TrainConfig, "--bf16", field="bf16", type=click.Choice(["auto", "on", "off"]))
 @field_option(TrainConfig, "--attention", field="attention", type=click.Choice(ATTENTIONS))
 @field_option(TrainConfig, "--average-from", field="average_from", type=float)
-@field_option(TrainConfig, "--drop-unlikely", field="drop_unlikely", type=float)
-@field_option(TrainConfig, "--drop-from", field="drop_from", type=float)
 @field_option(TrainConfig, "--eval-steps", field="eval_steps", type=int)
 @field_option(TrainConfig, "--max-eval-examples", field="max_eval_examples", type=int)
 @field_option(TrainConfig, "--save-steps", field="save_steps", type=int)

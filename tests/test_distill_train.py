@@ -129,8 +129,7 @@ def test_drop_system_prompt_trains_with_the_short_one(tmp_path, tokenizer):
     ({"target_modules": ("all-linear", "q_proj")}, "all-linear"), ({"path": "../up"}, "call path"),
     ({"lora_layers": 0}, "--lora-layers"), ({"loraplus_ratio": 0.5}, "--loraplus-ratio"),
     ({"attention": "flash"}, "--attention"), ({"average_from": 1.0}, "--average-from"),
-    ({"average_from": -0.1}, "--average-from"), ({"drop_unlikely": 1.0}, "--drop-unlikely"),
-    ({"drop_unlikely": 0.0}, "--drop-unlikely"), ({"drop_from": 1.0}, "--drop-from"),
+    ({"average_from": -0.1}, "--average-from"),
 ])
 def test_bad_config_values_raise(options, message):
     with pytest.raises(ConfigError, match=message):
@@ -263,16 +262,6 @@ def test_weight_averaging_publishes_the_mean_of_the_weights_after_the_runs_last_
     assert metrics["weight_average"] == {"first_step": 3, "last_step": 4, "steps": 2}
     assert math.isfinite(metrics["eval_loss"]) and metrics["eval_loss"] != metrics["eval_loss_last_step"]
     assert result.manifest["config"]["average_from"] == 0.5
-
-
-def test_a_run_that_drops_unlikely_answers_says_how_many_in_its_manifest(tmp_path, models_dir, base_folder):
-    write_version(tmp_path)
-    result = run_train(tmp_path, models_dir, max_steps=2, drop_unlikely=0.999, drop_from=0.5)
-    metrics = result.manifest["metrics"]
-    assert 1 <= metrics["unlikely_answers_dropped"] <= 2 * FAST["batch_size"], \
-        "the second step's examples, which a 1-step model does not give 0.999"
-    assert (result.manifest["config"]["drop_unlikely"], result.manifest["config"]["drop_from"]) == (0.999, 0.5)
-    assert math.isfinite(metrics["train_loss"])
 
 
 def test_an_interrupted_run_carries_its_weight_average_through_the_checkpoint(tmp_path, models_dir, base_folder):
@@ -444,54 +433,6 @@ def test_answer_only_loss_equals_the_full_models_loss_and_gradients():
     summed = trainer.compute_loss(model, {"input_ids": ids, "labels": labels}, num_items_in_batch=torch.tensor(20))
     assert torch.allclose(summed, full * 10 / 20)
     assert not model.lm_head._forward_pre_hooks, "the head's position hook outlives the step"
-
-
-def test_unlikely_answers_leave_the_loss_only_past_the_start_and_only_in_training():
-    import math
-    from types import SimpleNamespace
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
-
-    from distill.training.train import UnlikelyAnswers, answer_only_trainer
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
-    ids = torch.randint(0, 64, (3, 9))
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[0, 5:], labels[1, 3:7], labels[2, 7:] = ids[0, 5:], ids[1, 3:7], ids[2, 7:]
-    with torch.no_grad():  # each example's answer log-probability under the untrained model
-        logprobs = model(input_ids=ids).logits[:, :-1].log_softmax(-1)
-        targets = labels[:, 1:]
-        answer = (logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != IGNORE_INDEX)).sum(1)
-    least = int(answer.argmin())
-    below = math.exp((answer[least] + answer.sort().values[1]) / 2)  # between the least likely and the next
-    kept_labels = labels.clone()
-    kept_labels[least] = IGNORE_INDEX
-    unlikely = UnlikelyAnswers(below, start=0.5)
-    trainer_class = answer_only_trainer(Trainer, unlikely=unlikely)
-    trainer = trainer_class.__new__(trainer_class)
-    batch = {"input_ids": ids, "labels": labels}
-    answers, kept = int((targets != IGNORE_INDEX).sum()), int((kept_labels[:, 1:] != IGNORE_INDEX).sum())
-
-    trainer.state = SimpleNamespace(global_step=4, max_steps=10)
-    assert torch.allclose(trainer.compute_loss(model, batch), model(input_ids=ids, labels=labels).loss), \
-        "before the start every example counts"
-    trainer.state.global_step = 5
-    model.zero_grad()
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
-    got = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    expected = model(input_ids=ids, labels=kept_labels).loss * kept / answers
-    expected.backward()
-    assert torch.allclose(loss, expected) and unlikely.dropped == 1
-    assert all(torch.allclose(got[name], p.grad, atol=1e-6) for name, p in model.named_parameters())
-    model.eval()
-    assert torch.allclose(trainer.compute_loss(model, batch), model(input_ids=ids, labels=labels).loss), \
-        "the eval loss counts every example"
-    assert unlikely.dropped == 1
 
 
 def _two_example_batch(tokenizer, system_prompt: str) -> dict:

@@ -79,12 +79,6 @@ class TrainConfig(DocumentedFields):
         "the run (0.55: its last 45 %) instead of the last step's weights (Banking77, 2.4 epochs, three runs: "
         "the same agreement, and 2.4-5.0 points more coverage at 99 % agreement by the joint confidence) "
         "[default: the last step's weights].", default=None)
-    drop_unlikely: float | None = _help(
-        "Leave the teacher's likely mistakes out of the loss: past --drop-from of the run, an example whose answer "
-        "the model in training gives less than this probability (joint, over the answer's tokens) adds nothing "
-        "to that step's loss [default: every example counts].", default=None)
-    drop_from: float = _help("Share of the run after which --drop-unlikely applies (the task learned first).",
-                             default=0.4)
     eval_steps: int = _help("Evaluate on the eval split every this many optimizer steps (and at the end).",
                             default=50)
     max_eval_examples: int = _help("Evaluate on at most this many eval examples (the split's first ones).",
@@ -124,9 +118,6 @@ class TrainConfig(DocumentedFields):
             (self.weight_decay >= 0, "--weight-decay must be at least 0"),
             (self.average_from is None or 0 <= self.average_from < 1,
              "--average-from must be at least 0 and less than 1"),
-            (self.drop_unlikely is None or 0 < self.drop_unlikely < 1,
-             "--drop-unlikely must be more than 0 and less than 1"),
-            (0 <= self.drop_from < 1, "--drop-from must be at least 0 and less than 1"),
             (self.epochs > 0, "--epochs must be more than 0"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),

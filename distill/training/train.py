@@ -118,16 +118,12 @@ def train(cfg: TrainConfig, data_dir: Path, command: Sequence[str], *, resume: b
     precision["attention"] = set_attention(model, precision["bf16"], cfg.attention)
     bar, guard = TrainingProgress(enabled=progress), DivergenceGuard()
     average = WeightAverage(cfg.average_from, run.checkpoint)
-    unlikely = UnlikelyAnswers(cfg.drop_unlikely, cfg.drop_from) if cfg.drop_unlikely is not None else None
-    trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, guard, average, *callbacks],
-                           unlikely)
+    trainer = make_trainer(model, tokenizer, splits, cfg, run, precision["bf16"], [bar, guard, average, *callbacks])
     output = trainer.train(resume_from_checkpoint=run.checkpoint)
     if guard.diverged:
         shutil.rmtree(run.folder, ignore_errors=True)
         raise TrainingError(guard.explain(cfg, run.folder))
     losses = {"train_loss": output.training_loss, "eval_loss": final_eval_loss(trainer)}
-    if unlikely:
-        losses["unlikely_answers_dropped"] = unlikely.dropped  # example-steps, in this process (not before a resume)
     averaged = average.apply(trainer.model)
     if averaged:
         losses |= {"eval_loss_last_step": losses["eval_loss"], "eval_loss": final_eval_loss(trainer, again=True),
@@ -435,7 +431,7 @@ def final_eval_loss(trainer, again: bool = False) -> float | None:
 
 
 def make_trainer(model, tokenizer, splits: dict[str, EncodedSplit], cfg: TrainConfig, run: Run, bf16: bool,
-                 callbacks: list[Any], unlikely: UnlikelyAnswers | None = None):
+                 callbacks: list[Any]):
     """transformers' Trainer: padded batches grouped by length, answer-only labels, checkpoints in the run."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
@@ -455,8 +451,7 @@ def make_trainer(model, tokenizer, splits: dict[str, EncodedSplit], cfg: TrainCo
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, prediction_loss_only=True,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
-    trainer = answer_only_trainer(Trainer, unlikely=unlikely)(
-                      model=model, args=args, train_dataset=splits["train"].examples,
+    trainer = answer_only_trainer(Trainer)(model=model, args=args, train_dataset=splits["train"].examples,
                       eval_dataset=eval_examples or None, data_collator=collator, processing_class=tokenizer,
                       callbacks=callbacks, optimizers=(loraplus_optimizer(model, cfg), None))
     trainer.remove_callback(PrinterCallback)
@@ -475,29 +470,7 @@ def loraplus_optimizer(model, cfg: TrainConfig):
                                      loraplus_lr_ratio=cfg.loraplus_ratio, loraplus_weight_decay=cfg.weight_decay)
 
 
-class UnlikelyAnswers:
-    """Which examples of a training batch leave the loss: past ``start`` of the run, those whose answer the
-    model in training gives a joint probability under ``below``. After the task is learned, an answer the
-    model still finds that unlikely is most often the teacher's mistake (Banking77's training labels have
-    a few, e.g. "My cards were stolen" as lost_or_stolen_phone), and its gradient pulls the neighbouring
-    inputs' answers towards it. ``dropped``: how many were left out, counted once per step they were."""
-
-    def __init__(self, below: float, start: float) -> None:
-        self.below, self.start, self.dropped = below, start, 0
-
-    def keep(self, state, rows, token_losses, examples: int):
-        """Per answer token, whether it stays in the loss (None: all do, before ``start``)."""
-        import torch
-
-        if state.max_steps <= 0 or state.global_step < self.start * state.max_steps:
-            return None
-        answer_loss = torch.zeros(examples, dtype=token_losses.dtype).index_add_(0, rows, token_losses.detach())
-        unlikely = answer_loss > -math.log(self.below)
-        self.dropped += int(unlikely.sum())
-        return ~unlikely[rows]
-
-
-def answer_only_trainer(trainer_class, share_prefix: bool = True, unlikely: UnlikelyAnswers | None = None):
+def answer_only_trainer(trainer_class, share_prefix: bool = True):
     """``trainer_class`` computing only what the answer-only loss needs.
 
     - **The output head only at the positions the loss is taken on.** The loss falls on the answer
@@ -513,8 +486,7 @@ def answer_only_trainer(trainer_class, share_prefix: bool = True, unlikely: Unli
       its key/value cache is repeated over the batch; the rest of each example attends to it as
       to its own, and the gradient flows back through it.
 
-    The loss is the same as the full model's, up to float rounding. With ``unlikely``, the examples it
-    leaves out add nothing to a training step's loss (the divisor stays the batch's answer tokens).
+    The loss is the same as the full model's, up to float rounding.
     """
 
     class AnswerOnlyTrainer(trainer_class):
@@ -527,9 +499,7 @@ def answer_only_trainer(trainer_class, share_prefix: bool = True, unlikely: Unli
             rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
             prefix = shared_prefix(inputs["input_ids"], inputs.get("attention_mask"), labels) if share_prefix else 0
             outputs = answer_logits(model, inputs, rows, columns, prefix)
-            losses = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[rows, columns], reduction="none")
-            keep = unlikely.keep(self.state, rows, losses, labels.shape[0]) if unlikely and model.training else None
-            loss = (losses if keep is None else losses * keep).sum()
+            loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[rows, columns], reduction="sum")
             loss = loss / (num_items_in_batch if num_items_in_batch is not None else max(len(rows), 1))
             return (loss, outputs) if return_outputs else loss
 
