@@ -236,10 +236,10 @@ class Router:
                 answer = await self.ask_local(path, policy, body)
             except LocalError as exc:
                 self._write_shadow(path, policy, request_id, "shadow", upstream_text, None, None, None, 0.0,
-                                   (time.perf_counter() - started) * 1000, f"{exc.reason}: {exc}", servable=False)
+                                   (time.perf_counter() - started) * 1000, f"{exc.reason}: {exc}", local_reason=exc.reason)
                 return
             await self._compare(path, policy, request_id, "shadow", upstream_text, answer.text, answer.confidence,
-                                0.0, answer.latency_ms, counts=answer.served)
+                                0.0, answer.latency_ms, reason=answer.reason)
 
         self.background.submit(self.metrics.path_label(path), work)
 
@@ -255,38 +255,39 @@ class Router:
             except Exception as exc:  # noqa: BLE001 - an audit that fails is recorded, never raised
                 self._write_shadow(call.path, policy, call.request_id, "audit", None, local_text, confidence, None,
                                    None, (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}"[:300],
-                                   servable=True)
+                                   local_reason="confident")
                 return
             await self._compare(call.path, policy, call.request_id, "audit", text, local_text, confidence, cost,
-                                (time.perf_counter() - started) * 1000, counts=True)
+                                (time.perf_counter() - started) * 1000, reason="confident")
 
         self.background.submit(self.metrics.path_label(call.path), work)
 
     async def _compare(self, path: str, policy: RoutePolicy, request_id: str, kind: str, upstream_text: str,
                        local_text: str, confidence: float, cost: float | None, latency_ms: float, *,
-                       counts: bool) -> None:
+                       reason: str) -> None:
         comparison: Comparison = await self._comparator(path, policy).acompare(upstream_text, local_text)
         agreed = comparison.agreed if comparison.comparable else None
         shadow_id = self._write_shadow(path, policy, request_id, kind, upstream_text, local_text, confidence, agreed,
                                        cost, latency_ms, None if comparison.comparable else comparison.detail,
-                                       servable=counts)
+                                       local_reason=reason)
         label = self.metrics.path_label(path)
         if cost:
             self.metrics.shadow_cost.labels(label, kind).inc(cost)
         if not comparison.comparable:
             return
         self.metrics.comparisons.labels(label, kind, "true" if comparison.agreed else "false").inc()
-        if counts:  # evidence for the ramp: answers the route would serve (above the threshold, valid)
+        if reason == "confident":  # evidence for the ramp: answers the route serves (above the threshold, valid)
             self._ramp_evidence(path, policy, shadow_id, comparison.agreed)
 
     def _write_shadow(self, path, policy, request_id, kind, upstream_text, local_text, confidence, agreed, cost,
-                      latency_ms, error, *, servable: bool) -> str:
-        """Record one comparison (or its failure) in the ``shadow`` table; its id. ``servable``: the local
-        answer is one the route serves (what the ramp counts)."""
+                      latency_ms, error, *, local_reason: str) -> str:
+        """Record one comparison (or its failure) in the ``shadow`` table; its id. ``local_reason``: what the
+        route made of the local answer ("confident": it serves it, and the ramp counts it)."""
         row = {"shadow_id": os.urandom(8).hex(), "ts": datetime.now(UTC), "request_id": request_id, "path": path,
                "adapter": self.served_name(path, policy), "kind": kind, "comparator": policy.comparator.name,
                "upstream_answer": upstream_text, "local_answer": local_text, "confidence": confidence,
-               "agreed": agreed, "cost_usd": cost, "latency_ms": latency_ms, "error": error, "servable": servable}
+               "agreed": agreed, "cost_usd": cost, "latency_ms": latency_ms, "error": error,
+               "local_reason": local_reason}
         try:
             self.store.append("shadow", row)
         except StoreError as exc:

@@ -52,25 +52,27 @@ def calibration(data_dir: Path, path: str, adapter: str, policy) -> dict[str, An
 
 
 def reviewed_comparisons(data_dir: Path, path: str, adapter: str) -> list[tuple[float, bool, bool]]:
-    """(confidence, agreed, reviewed upstream_wrong) of every judged comparison of ``adapter``."""
+    """(confidence, agreed, reviewed upstream_wrong) of every judged comparison of ``adapter`` whose answer
+    passed the output check (one that failed it is never served, whatever its confidence)."""
     return _query(data_dir, f"""
         SELECT s.confidence, s.agreed, coalesce(r.verdict = 'upstream_wrong', false) AS overruled
         FROM shadow s LEFT JOIN {LATEST_REVIEWS} r USING (shadow_id)
-        WHERE s.path = ? AND s.adapter = ? AND s.agreed IS NOT NULL AND s.confidence IS NOT NULL""",
+        WHERE s.path = ? AND s.adapter = ? AND s.agreed IS NOT NULL AND s.confidence IS NOT NULL
+          AND coalesce(s.local_reason, '') NOT IN ('invalid_output', 'local_truncated')""",
                   [path, path, adapter])
 
 
 def ramp_outcomes(data_dir: Path, path: str, adapter: str, policy, revision: str) -> list[tuple[str, bool, bool]]:
     """(shadow_id, agreed, reviewed upstream_wrong) of the last ``ramp.window`` comparisons the ramp
     counted under policy ``revision`` (made since the ``route_changes`` row of that id), oldest first:
-    the comparisons of answers the route serves (``servable``). Rows written before that column
-    existed count if they are audits or at or above the threshold (whether such an answer also
+    the comparisons of answers the route serves (``local_reason`` confident). Rows written before that
+    column existed count if they are audits or at or above the threshold (whether such an answer also
     passed the output check was not recorded then)."""
     rows = _query(data_dir, f"""
         SELECT s.shadow_id, s.agreed, coalesce(r.verdict = 'upstream_wrong', false) AS overruled
         FROM shadow s LEFT JOIN {LATEST_REVIEWS} r USING (shadow_id)
         WHERE s.path = ? AND s.adapter = ? AND s.agreed IS NOT NULL
-          AND coalesce(s.servable, s.kind = 'audit' OR s.confidence >= ?)
+          AND coalesce(s.local_reason = 'confident', s.kind = 'audit' OR s.confidence >= ?)
           AND s.ts >= (SELECT min(ts) FROM route_changes WHERE change_id = ?)
         ORDER BY s.ts DESC LIMIT ?""", [path, path, adapter, policy.threshold, revision, policy.ramp.window])
     return rows[::-1]

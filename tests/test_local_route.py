@@ -125,7 +125,8 @@ def test_shadow_mode_compares_in_the_background_and_the_ramp_moves_on_evidence(r
     for text in CARDS[:3]:  # the simulator answers card_arrival: the adapter agrees
         assert ask(text).headers.get("x-arbitrage-served-by") is None, "shadow mode serves upstream"
     rows = _wait_for(lambda: shadow_rows(data_dir)[before:], 3)
-    assert [(r["kind"], r["agreed"], r["local_answer"]) for r in rows] == [("shadow", True, CARD_ARRIVAL)] * 3
+    assert [(r["kind"], r["agreed"], r["local_answer"], r["local_reason"]) for r in rows] == \
+        [("shadow", True, CARD_ARRIVAL, "confident")] * 3
     policy = _wait_for_policy(data_dir, lambda p: p.mode == "canary")
     assert policy.share == 50.0, "3 of 3 agreeing (Wilson lower bound 0.44 >= 0.4) raised the share one step"
     for text in OTHERS[60:80]:  # now every comparison disagrees: the ramp rolls back to shadow
@@ -176,19 +177,21 @@ def test_a_reviewed_upstream_mistake_counts_in_the_ramps_evidence_at_once(routed
 
 
 def test_a_shadow_answer_that_fails_the_output_check_is_recorded_but_never_counted_in_the_ramp(routed):
-    """The ramp counts answers the route would serve; the ``servable`` column records which those
-    were, so the evidence rebuilt at a restart leaves the others out too."""
+    """The ramp counts answers the route would serve; the ``local_reason`` column records which those
+    were, so the evidence rebuilt at a restart leaves the others out too, and so does the calibration."""
     data_dir = routed.data_dir
     ramp = {"steps": [50.0, 100.0], "target": 0.3, "floor": 0.05, "min_samples": 2, "window": 50}
     routed.set_policy(mode="shadow", share=0.0, threshold=0.0, output="json", shadow_rate=1.0,
                       json_schema={"type": "object", "required": ["label"]}, comparator={"name": "json"}, ramp=ramp)
     before = len(shadow_rows(data_dir))
+    calibrated = routed.route_status()["calibration"]["samples"]
     for text in CARDS[22:24]:  # upstream and the adapter both answer card_arrival, without a "label" key
         routed.ask(text)
     rows = _wait_for(lambda: shadow_rows(data_dir)[before:], 2)
-    assert [(r["agreed"], r["servable"]) for r in rows] == [(True, False)] * 2
+    assert [(r["agreed"], r["local_reason"]) for r in rows] == [(True, "invalid_output")] * 2
     status = routed.route_status()
     assert (status["policy"]["mode"], status.get("evidence", {}).get("n", 0)) == ("shadow", 0)
+    assert status["calibration"]["samples"] == calibrated, "answers the route never serves say nothing of its threshold"
     config = load_config(routed.config, data_dir=str(data_dir))
     table = RouteTable(config)
     rebuilt = RampEvidence()

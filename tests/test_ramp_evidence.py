@@ -241,11 +241,11 @@ def stored_history(data_dir: Path, store: CaptureStore) -> str:
     now = datetime.now(UTC)
 
     def compared(shadow_id: str, seconds: float, confidence: float, agreed: bool | None, kind: str = "shadow",
-                 adapter: str = f"{PATH}/v1", servable: bool | None = None) -> None:
-        """A comparison; ``servable`` None as in rows written before that column existed."""
+                 adapter: str = f"{PATH}/v1", local_reason: str | None = None) -> None:
+        """A comparison; ``local_reason`` None as in rows written before that column existed."""
         store.append("shadow", {"shadow_id": shadow_id, "ts": now + timedelta(seconds=seconds), "path": PATH,
                                 "adapter": adapter, "kind": kind, "confidence": confidence, "agreed": agreed,
-                                "servable": servable})
+                                "local_reason": local_reason})
 
     compared("before", -60, 0.99, False)  # under an earlier policy
     table = RouteTable(Config(gateway=GatewaySettings(data_dir=str(data_dir))),
@@ -259,7 +259,7 @@ def stored_history(data_dir: Path, store: CaptureStore) -> str:
     compared("reviewed", 5, 0.9, False)
     compared("timeout", 6, 0.9, None)  # not compared
     compared("v0", 7, 0.9, False, adapter=f"{PATH}/v0")
-    compared("unchecked", 7.5, 0.95, False, servable=False)  # above the threshold, but failed the output check
+    compared("unchecked", 7.5, 0.95, False, local_reason="invalid_output")  # above the threshold, not served
     compared("last", 8, 0.85, True)
     store.append("reviews", {"review_id": "r1", "ts": now, "shadow_id": "reviewed", "path": PATH,
                              "adapter": f"{PATH}/v1", "verdict": "upstream_wrong"})

@@ -130,12 +130,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
-        "0006_shadow_servable",
+        "0006_shadow_local_reason",
         "shadow",
         (
-            # the local answer is one the route serves: every audited one; a shadow answer at or above the
-            # threshold that passed the output check. Only these count in the ramp's evidence.
-            ("servable", pa.bool_()),
+            # what the route made of the local answer, as calls.route_reason: confident (served; every audited
+            # answer) | low_confidence | invalid_output | local_truncated, or why the local call failed
+            ("local_reason", pa.string()),
         ),
     ),
 )
