@@ -236,7 +236,8 @@ class Router:
                 answer = await self.ask_local(path, policy, body)
             except LocalError as exc:
                 self._write_shadow(path, policy, request_id, "shadow", upstream_text, None, None, None, 0.0,
-                                   (time.perf_counter() - started) * 1000, f"{exc.reason}: {exc}", local_reason=exc.reason)
+                                   (time.perf_counter() - started) * 1000, f"{exc.reason}: {exc}",
+                                   local_reason=exc.reason)
                 return
             await self._compare(path, policy, request_id, "shadow", upstream_text, answer.text, answer.confidence,
                                 0.0, answer.latency_ms, reason=answer.reason)
