@@ -185,19 +185,22 @@ def test_a_shadow_answer_that_fails_the_output_check_is_recorded_but_never_count
                       json_schema={"type": "object", "required": ["label"]}, comparator={"name": "json"}, ramp=ramp)
     before = len(shadow_rows(data_dir))
     calibrated = routed.route_status()["calibration"]["samples"]
-    for text in CARDS[22:24]:  # upstream and the adapter both answer card_arrival, without a "label" key
-        routed.ask(text)
-    rows = _wait_for(lambda: shadow_rows(data_dir)[before:], 2)
-    assert [(r["agreed"], r["local_reason"]) for r in rows] == [(True, "invalid_output")] * 2
-    status = routed.route_status()
-    assert (status["policy"]["mode"], status.get("evidence", {}).get("n", 0)) == ("shadow", 0)
-    assert status["calibration"]["samples"] == calibrated, "answers the route never serves say nothing of its threshold"
-    config = load_config(routed.config, data_dir=str(data_dir))
-    table = RouteTable(config)
-    rebuilt = RampEvidence()
-    restore_from_store(rebuilt, table, data_dir)
-    assert rebuilt.counts(INTENTS_PATH, table.revision(INTENTS_PATH)) == Counts(0, 0), \
-        "agreeing answers above the threshold, but not ones the route serves"
+    try:
+        for text in CARDS[22:24]:  # upstream and the adapter both answer card_arrival, without a "label" key
+            routed.ask(text)
+        rows = _wait_for(lambda: shadow_rows(data_dir)[before:], 2)
+        assert [(r["agreed"], r["local_reason"]) for r in rows] == [(True, "invalid_output")] * 2
+        status = routed.route_status()
+        assert (status["policy"]["mode"], status.get("evidence", {}).get("n", 0)) == ("shadow", 0)
+        assert status["calibration"]["samples"] == calibrated, \
+            "answers the route never serves say nothing of its threshold"
+        table = RouteTable(load_config(routed.config, data_dir=str(data_dir)))
+        rebuilt = RampEvidence()
+        restore_from_store(rebuilt, table, data_dir)
+        assert rebuilt.counts(INTENTS_PATH, table.revision(INTENTS_PATH)) == Counts(0, 0), \
+            "agreeing answers above the threshold, but not ones the route serves"
+    finally:  # the later tests of this module edit the same policy (edits are merged): no schema for them
+        routed.set_policy(json_schema=None)
 
 
 def test_two_workers_ramp_once_on_their_comparisons_together(sim, vllm, intents_adapter, tmp_path):
