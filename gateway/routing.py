@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 SERVED_BY_HEADER = "x-arbitrage-served-by"
 LOCAL_UPSTREAM_NAME = "local"
 _COST_MEMORY = 50
+CONFIDENT = "confident"
+"""The reason of a local answer the route serves (and whose comparisons the ramp counts)."""
 """Upstream-served calls per (path, model) whose mean cost stands in for a local answer's counterfactual."""
 
 
@@ -147,7 +149,7 @@ class Router:
             return LocalAnswer(response, text, confidence, latency, False, "invalid_output")
         if confidence < policy.threshold:
             return LocalAnswer(response, text, confidence, latency, False, "low_confidence")
-        return LocalAnswer(response, text, confidence, latency, True, "confident")
+        return LocalAnswer(response, text, confidence, latency, True, CONFIDENT)
 
     def local_body(self, path: str, policy: RoutePolicy, body: dict) -> dict:
         """The client's request as the adapter was trained to see it: its name, log-probs on, no
@@ -256,10 +258,10 @@ class Router:
             except Exception as exc:  # noqa: BLE001 - an audit that fails is recorded, never raised
                 self._write_shadow(call.path, policy, call.request_id, "audit", None, local_text, confidence, None,
                                    None, (time.perf_counter() - started) * 1000, f"{type(exc).__name__}: {exc}"[:300],
-                                   local_reason="confident")
+                                   local_reason=CONFIDENT)
                 return
             await self._compare(call.path, policy, call.request_id, "audit", text, local_text, confidence, cost,
-                                (time.perf_counter() - started) * 1000, reason="confident")
+                                (time.perf_counter() - started) * 1000, reason=CONFIDENT)
 
         self.background.submit(self.metrics.path_label(call.path), work)
 
@@ -277,13 +279,13 @@ class Router:
         if not comparison.comparable:
             return
         self.metrics.comparisons.labels(label, kind, "true" if comparison.agreed else "false").inc()
-        if reason == "confident":  # evidence for the ramp: answers the route serves (above the threshold, valid)
+        if reason == CONFIDENT:  # evidence for the ramp: answers the route serves (above the threshold, valid)
             self._ramp_evidence(path, policy, shadow_id, comparison.agreed)
 
     def _write_shadow(self, path, policy, request_id, kind, upstream_text, local_text, confidence, agreed, cost,
                       latency_ms, error, *, local_reason: str) -> str:
         """Record one comparison (or its failure) in the ``shadow`` table; its id. ``local_reason``: what the
-        route made of the local answer ("confident": it serves it, and the ramp counts it)."""
+        route made of the local answer (``CONFIDENT``: it serves it, and the ramp counts it)."""
         row = {"shadow_id": os.urandom(8).hex(), "ts": datetime.now(UTC), "request_id": request_id, "path": path,
                "adapter": self.served_name(path, policy), "kind": kind, "comparator": policy.comparator.name,
                "upstream_answer": upstream_text, "local_answer": local_text, "confidence": confidence,
@@ -349,11 +351,12 @@ class Router:
         """The ramp's evidence as gauges; without any (a new policy), agreement and its bound are NaN,
         a gap on the dashboard rather than the previous policy's numbers."""
         label = self.metrics.path_label(path)
+        rate, lower = math.nan, math.nan
+        if counts.n:
+            rate, lower = counts.agreed / counts.n, wilson(counts.agreed, counts.n, policy.ramp.z)[0]
         self.metrics.ramp_samples.labels(label).set(counts.n)
-        rate = counts.agreed / counts.n if counts.n else math.nan
         self.metrics.agreement.labels(label).set(rate)
-        self.metrics.agreement_lower.labels(label).set(
-            wilson(counts.agreed, counts.n, policy.ramp.z)[0] if counts.n else math.nan)
+        self.metrics.agreement_lower.labels(label).set(lower)
 
     def publish_policy(self, path: str, policy: RoutePolicy) -> None:
         """The policy's gauges: share, mode, target and floor, and its ramp evidence so far."""

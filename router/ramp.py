@@ -4,7 +4,8 @@ Pure: given the policy and the agreement evidence gathered under it (``gateway.r
 keeps it per policy revision, for every worker), say what to do. ``raise`` when the Wilson lower
 bound of agreement is >= ``ramp.target`` with at least ``ramp.min_samples`` comparisons;
 ``rollback`` (to shadow mode, share 0) when the upper bound is < ``ramp.floor``, however few the
-comparisons (a low upper bound is already strong evidence); otherwise ``hold``. Shadow -> canary on the first step, canary -> local at 100.
+comparisons (a low upper bound is already strong evidence); otherwise ``hold``. Shadow -> canary
+on the first step, canary -> local at 100.
 """
 
 from __future__ import annotations
